@@ -1,0 +1,239 @@
+"""The one typed config tree. Every command reads a `Config`; every field can be set in YAML or
+from the command line as `a.b.c=value`. Unknown fields are errors, not silently ignored."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+EMOTIONS = ("anger", "disgust", "fear", "happy", "neutral", "sad")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(Section):
+    """The built-in synthetic talking-face corpus (the offline default)."""
+
+    out: str = "data/synth"
+    speakers: int = Field(20, ge=3, description="voices; split speaker-independently")
+    clips_per_speaker: int = Field(48, ge=1)
+    clip_seconds: float = Field(1.6, gt=0.4, le=10.0)
+    frame_size: int = Field(64, ge=32, le=256, description="square grayscale frames")
+    emotion_strength: float = Field(1.0, ge=0.0, le=2.0, description="scales emotion prosody and face offsets")
+    jitter: float = Field(1.0, ge=0.0, le=3.0, description="per-clip random prosody variation")
+    loudness_norm: bool = True
+    loudness_range_db: float = Field(6.0, ge=0.0, le=30.0, description="random level around -26 dBFS when normalising")
+    snr_db: Optional[float] = Field(20.0, description="additive noise at this SNR; null for clean audio")
+    noise: Literal["white", "pink"] = "pink"
+    vocabulary: Literal["minimal_pairs", "digits"] = "minimal_pairs"
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    shard_size: int = Field(64, ge=1)
+    workers: int = Field(0, ge=0, description="processes; 0 = all CPUs")
+    export_media: bool = Field(False, description="also write wav/mp4 files next to the shards")
+    baseline: bool = Field(True, description="print MFCC + logistic regression baselines in the summary")
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if abs(sum(v) - 1.0) > 1e-6 or min(v) <= 0:
+            raise ValueError("train/val/test fractions must be positive and sum to 1")
+        return v
+
+
+class PrepareConfig(Section):
+    """`avssl prepare`: turning a real corpus into the corpus format."""
+
+    frame_size: tuple[int, int] = Field((64, 64), description="(height, width) of the face crops")
+    face_crop: tuple[float, float, float, float] = Field(
+        (0.15, 0.1, 0.85, 0.9), description="face box as fractions (left, top, right, bottom) of the video frame"
+    )
+    split: tuple[float, float, float] = Field((0.7, 0.15, 0.15), description="speaker split where the corpus has none")
+    segment_seconds: float = Field(4.0, gt=0.5, description="clip length when cutting long recordings (sewa)")
+    max_clips: int = Field(0, ge=0, description="stop after this many clips; 0 = all")
+    shard_size: int = Field(64, ge=1)
+    workers: int = Field(0, ge=0, description="decoding processes; 0 = all CPUs")
+
+    @model_validator(mode="after")
+    def _valid_crop(self) -> "PrepareConfig":
+        l, t, r, b = self.face_crop
+        if not (0 <= l < r <= 1 and 0 <= t < b <= 1):
+            raise ValueError("face_crop must satisfy 0 <= left < right <= 1 and 0 <= top < bottom <= 1")
+        return self
+
+
+class DataConfig(Section):
+    corpus: str = "data/synth"
+    loader: Literal["per_rank", "ray_data"] = "per_rank"
+    batch_size: int = Field(16, ge=1)
+    clip_frames: int = Field(0, ge=0, description="random crop length in video frames for pretraining; 0 = whole clip")
+    still_frame: Literal["random", "first"] = "random"
+    pretrain_fraction: float = Field(1.0, gt=0.0, le=1.0, description="fraction of training speakers' clips used")
+    prefetch_batches: int = Field(2, ge=0)
+
+
+class AudioEncoderConfig(Section):
+    name: str = "conv_gru"
+    window_seconds: float = Field(0.2, gt=0.0)
+    first_kernel_ms: float = Field(5.0, gt=0.0)
+    first_stride_ms: float = Field(1.0, gt=0.0)
+    base_channels: int = Field(8, ge=1)
+    layers: int = Field(4, ge=1, le=8, description="kernel 4 / stride 2 layers after the first")
+    code_dim: int = Field(64, ge=1)
+    gru_hidden: int = Field(64, ge=1)
+    gru_layers: int = Field(2, ge=1)
+
+
+class IdentityEncoderConfig(Section):
+    name: str = "conv_skip"
+    base_channels: int = Field(8, ge=1)
+    layers: int = Field(4, ge=1, le=6)
+    code_dim: int = Field(32, ge=1)
+
+
+class FrameDecoderConfig(Section):
+    name: str = "unet"
+    noise_dim: int = Field(8, ge=0)
+
+
+class AttributeHeadsConfig(Section):
+    name: str = "linear"
+    hidden: int = Field(0, ge=0, description="0 = linear heads")
+
+
+class ModelConfig(Section):
+    audio_encoder: AudioEncoderConfig = AudioEncoderConfig()
+    identity_encoder: IdentityEncoderConfig = IdentityEncoderConfig()
+    frame_decoder: FrameDecoderConfig = FrameDecoderConfig()
+    attribute_heads: AttributeHeadsConfig = AttributeHeadsConfig()
+
+
+class VisualObjectiveConfig(Section):
+    lower_face_weight: float = Field(2.0, ge=1.0, description="L1 weight of the lower half of the face")
+    frames_per_clip: int = Field(8, ge=0, description="frames decoded per clip for the loss; 0 = all")
+
+
+class AudioObjectiveConfig(Section):
+    n_mfcc: int = Field(13, ge=1)
+    n_mels: int = Field(40, ge=4)
+    w_mfcc: float = Field(1.0, ge=0.0)
+    w_logmel: float = Field(1.0, ge=0.0)
+    w_log_f0: float = Field(1.0, ge=0.0)
+    w_voicing: float = Field(1.0, ge=0.0)
+    w_energy: float = Field(1.0, ge=0.0)
+
+
+class ObjectiveConfig(Section):
+    name: str = "av"
+    w_visual: float = Field(1.0, ge=0.0)
+    w_audio: float = Field(1.0, ge=0.0)
+    visual: VisualObjectiveConfig = VisualObjectiveConfig()
+    audio: AudioObjectiveConfig = AudioObjectiveConfig()
+
+
+class ProbeConfig(Section):
+    """A quick frozen-encoder probe run during pretraining: the downstream signal Tune optimises."""
+
+    enabled: bool = True
+    task: str = "emotion"
+    max_clips: int = Field(400, ge=10)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(4, ge=1)
+    max_steps: int = Field(0, ge=0, description="stop after this many steps; 0 = no limit")
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(5.0, ge=0.0)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    elastic_min_workers: int = Field(0, ge=0, description="if >0, keep training with as few as this many workers")
+    mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    checkpoint_every_steps: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts; -1 = unlimited")
+    storage_path: str = "avssl_runs"
+    ray_address: Optional[str] = Field(None, description="Ray cluster address; null = start or join a local runtime")
+    threads_per_worker: int = Field(0, ge=0, description="torch intra-op threads per worker; 0 = cpus_per_worker")
+    probe: ProbeConfig = ProbeConfig()
+
+    @model_validator(mode="after")
+    def _elastic_bounds(self) -> "TrainConfig":
+        if self.elastic_min_workers > self.num_workers:
+            raise ValueError("elastic_min_workers must not exceed num_workers")
+        return self
+
+
+class TrackingConfig(Section):
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; null = MLFLOW_TRACKING_URI or ./mlflow.db")
+    experiment: str = "avssl"
+    artifact_root: Optional[str] = Field(None, description="artifact folder for new experiments; null = ./mlruns")
+    connect_timeout_s: float = Field(10.0, gt=0.0)
+
+
+class EvaluateConfig(Section):
+    encoder: Optional[str] = Field(None, description="MLflow run id, checkpoint path, or baseline: scratch, mfcc, logmel")
+    tasks: list[str] = ["emotion"]
+    head: Literal["gru", "pool"] = "gru"
+    finetune: bool = False
+    epochs: int = Field(30, ge=1)
+    patience: int = Field(6, ge=1)
+    lr: float = Field(3e-3, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+    hidden: int = Field(64, ge=1)
+    seeds: list[int] = [0, 1, 2]
+    label_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    train_snr_db: Optional[float] = Field(None, description="add noise at this SNR while training the head")
+
+
+class NoiseStudyConfig(Section):
+    snrs: list[Union[float, Literal["clean"]]] = ["clean", 20.0, 10.0, 5.0, 0.0]
+    types: list[Literal["white", "babble"]] = ["white", "babble"]
+    babble_talkers: int = Field(4, ge=1)
+    train_with_noise: bool = False
+
+
+class DatasizeStudyConfig(Section):
+    fractions: list[float] = [0.1, 0.25, 0.5, 1.0]
+
+    @field_validator("fractions")
+    @classmethod
+    def _in_unit(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < f <= 1 for f in v):
+            raise ValueError("fractions must be in (0, 1]")
+        return sorted(v)
+
+
+class StudyConfig(Section):
+    methods: list[str] = Field(["scratch", "mfcc"], description="encoders compared: run ids, checkpoints or baselines")
+    task: str = "emotion"
+    noise: NoiseStudyConfig = NoiseStudyConfig()
+    datasize: DatasizeStudyConfig = DatasizeStudyConfig()
+
+
+class ReportConfig(Section):
+    out: str = "report"
+    search_run: Optional[str] = Field(None, description="a Tune search's MLflow parent run id to include")
+
+
+class Config(Section):
+    preset: str = "tiny"
+    seed: int = 0
+    run_name: Optional[str] = Field(None, description="names the pretraining; rerunning the same name resumes")
+    synth: SynthConfig = SynthConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    study: StudyConfig = StudyConfig()
+    report: ReportConfig = ReportConfig()

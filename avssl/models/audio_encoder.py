@@ -1,0 +1,68 @@
+"""The audio encoder of the speech-driven facial animation generator.
+
+Raw 16 kHz waveform -> one 0.2 s window per 25 fps video frame -> strided Conv1d stack (first layer
+kernel 5 ms / stride 1 ms, then kernel 4 / stride 2 layers doubling the channels, BatchNorm + ReLU,
+a last conv spanning the remaining length with Tanh) -> a per-frame code -> 2-layer GRU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from avssl.config.schema import AudioEncoderConfig
+from avssl.data.constants import HOP, SAMPLE_RATE
+from avssl.models.registry import AUDIO_ENCODERS
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv1d(cin, cout, kernel, stride, bias=False), nn.BatchNorm1d(cout), nn.ReLU(inplace=True))
+
+
+@AUDIO_ENCODERS.register("conv_gru")
+class ConvGRUAudioEncoder(nn.Module):
+    def __init__(self, cfg: AudioEncoderConfig):
+        super().__init__()
+        self.window = int(round(cfg.window_seconds * SAMPLE_RATE))
+        k1 = int(round(cfg.first_kernel_ms * SAMPLE_RATE / 1000))
+        self.stride1 = int(round(cfg.first_stride_ms * SAMPLE_RATE / 1000))
+        if self.window < HOP or k1 > self.window:
+            raise ValueError("audio window must cover at least one frame hop and the first kernel")
+        # The first layer runs once over the whole waveform and its output is cut into windows
+        # (identical to running it per window when the frame hop is a multiple of its stride).
+        self.shared_first = HOP % self.stride1 == 0
+        c = cfg.base_channels
+        self.first = _conv_bn_relu(1, c, k1, self.stride1)
+        length = (self.window - k1) // self.stride1 + 1
+        self.first_length = length
+        layers = []
+        for i in range(cfg.layers):
+            if (length - 4) // 2 + 1 < 1:
+                raise ValueError(f"audio_encoder.layers={cfg.layers} downsamples the {cfg.window_seconds} s window below one sample")
+            layers.append(_conv_bn_relu(c * 2**i, c * 2 ** (i + 1), 4, 2))
+            length = (length - 4) // 2 + 1
+        self.convs = nn.Sequential(*layers)
+        self.code = nn.Sequential(nn.Conv1d(c * 2 ** cfg.layers, cfg.code_dim, length), nn.Tanh())
+        self.gru = nn.GRU(cfg.code_dim, cfg.gru_hidden, cfg.gru_layers, batch_first=True)
+        self.code_dim = cfg.code_dim
+        self.out_dim = cfg.gru_hidden
+
+    def frame_codes(self, wave: torch.Tensor) -> torch.Tensor:
+        """[B, S] -> [B, T, code_dim], T = S // HOP; window t is centred on frame t."""
+        b, t = wave.shape[0], wave.shape[1] // HOP
+        left = (self.window - HOP) // 2
+        x = nn.functional.pad(wave[:, : t * HOP], (left, self.window - HOP - left))
+        if self.shared_first:
+            h = self.first(x.unsqueeze(1))  # [B, C, P]
+            h = h.unfold(-1, self.first_length, HOP // self.stride1)[:, :, :t]  # [B, C, T, L]
+            h = h.permute(0, 2, 1, 3).reshape(b * t, h.shape[1], self.first_length)
+        else:
+            windows = x.unfold(-1, self.window, HOP)[:, :t]  # [B, T, W]
+            h = self.first(windows.reshape(b * t, 1, self.window))
+        code = self.code(self.convs(h))  # [B*T, code_dim, 1]
+        return code.reshape(b, t, self.code_dim)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """[B, S] -> [B, T, out_dim] per-frame embeddings."""
+        out, _ = self.gru(self.frame_codes(wave))
+        return out

@@ -1,0 +1,71 @@
+"""Small heads on per-frame embeddings: audio-attribute regressors (pretext) and downstream
+classifiers/regressors (GRU over frames as in the reference work, or mean-pool + linear)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from avssl.config.schema import AttributeHeadsConfig
+from avssl.models.registry import ATTRIBUTE_HEADS
+
+
+@ATTRIBUTE_HEADS.register("linear")
+class AttributeHeads(nn.Module):
+    """One regressor per audio attribute, applied frame by frame."""
+
+    def __init__(self, cfg: AttributeHeadsConfig, in_dim: int, dims: dict[str, int]):
+        super().__init__()
+
+        def head(d: int) -> nn.Module:
+            if cfg.hidden:
+                return nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.ReLU(inplace=True), nn.Linear(cfg.hidden, d))
+            return nn.Linear(in_dim, d)
+
+        self.heads = nn.ModuleDict({name: head(d) for name, d in dims.items()})
+
+    def forward(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: h(emb) for name, h in self.heads.items()}
+
+
+def length_mask(lengths: torch.Tensor, t: int) -> torch.Tensor:
+    return torch.arange(t, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class DownstreamHead(nn.Module):
+    """Per-clip output (classes or regression targets) from [B, T, D] frame features; with
+    `per_frame`, also one output per frame (continuous affect sequences)."""
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int, hidden: int, dropout: float = 0.2):
+        super().__init__()
+        self.kind = kind
+        self.norm = nn.LayerNorm(in_dim)
+        if kind == "gru":
+            self.rnn = nn.GRU(in_dim, hidden, batch_first=True, bidirectional=True)
+            feat = 2 * hidden
+        elif kind == "pool":
+            self.rnn = None
+            feat = in_dim
+        else:
+            raise ValueError(f"unknown head kind '{kind}'")
+        self.drop = nn.Dropout(dropout)
+        self.clip_out = nn.Linear(feat, out_dim)
+        self.frame_out = nn.Linear(feat, out_dim)
+
+    def frame_features(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        if self.rnn is not None:
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu().clamp_min(1), batch_first=True, enforce_sorted=False)
+            out, _ = self.rnn(packed)
+            x, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return x
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, per_frame: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        h = self.frame_features(x, lengths)
+        mask = length_mask(lengths, h.shape[1]).unsqueeze(-1).to(h.dtype)
+        pooled = (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        clip = self.clip_out(self.drop(pooled))
+        frames = self.frame_out(self.drop(h)) if per_frame else None
+        return clip, frames

@@ -1,0 +1,71 @@
+"""Audio-only self-supervision: regress MFCCs, log-mel energies and prosody (log-F0, voicing,
+frame energy) from the per-frame embeddings. Targets come from torchaudio/torch signal
+processing on the same waveform, standardised with corpus statistics; never learned."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from avssl.config.schema import AudioObjectiveConfig
+from avssl.data.features import HOP, attribute_targets
+from avssl.models.heads import length_mask
+from avssl.objectives.base import Objective, masked_mean
+from avssl.objectives.registry import OBJECTIVES
+
+UNSTANDARDISED = ("voicing",)  # already in 0..1
+
+
+def attribute_weights(cfg: AudioObjectiveConfig) -> dict[str, float]:
+    return {"mfcc": cfg.w_mfcc, "logmel": cfg.w_logmel, "log_f0": cfg.w_log_f0, "voicing": cfg.w_voicing, "energy": cfg.w_energy}
+
+
+@torch.no_grad()
+def fit_target_stats(model: torch.nn.Module, waves: Iterable[torch.Tensor], cfg: AudioObjectiveConfig) -> None:
+    """Set the model's target mean/std buffers from a sample of training audio."""
+    sums: dict[str, list[torch.Tensor]] = {}
+    for wave in waves:
+        targets = attribute_targets(wave.float(), cfg.n_mfcc, cfg.n_mels)
+        voiced = targets["voicing"].squeeze(-1) > 0.5
+        for name, t in targets.items():
+            flat = t[voiced] if name == "log_f0" else t.reshape(-1, t.shape[-1])
+            if len(flat):
+                sums.setdefault(name, []).append(flat)
+    for name, chunks in sums.items():
+        x = torch.cat(chunks)
+        mean, std = model.target_stats(name)
+        if name in UNSTANDARDISED:
+            continue
+        mean.copy_(x.mean(0))
+        std.copy_(x.std(0).clamp_min(1e-3))
+
+
+def audio_loss(outputs: dict[str, Any], batch: dict[str, torch.Tensor], model: torch.nn.Module, cfg: AudioObjectiveConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    wave = batch["wave"]
+    with torch.no_grad(), torch.autocast(wave.device.type, enabled=False):
+        targets = attribute_targets(wave.float(), cfg.n_mfcc, cfg.n_mels)
+    preds = outputs["attributes"]
+    mask = length_mask(batch["lengths"], wave.shape[1] // HOP)
+    voiced = targets["voicing"]
+    total = wave.new_zeros(())
+    parts: dict[str, torch.Tensor] = {}
+    for name, weight in attribute_weights(cfg).items():
+        mean, std = model.target_stats(name)
+        target = (targets[name] - mean) / std
+        err = (preds[name].float() - target).pow(2)
+        if name == "log_f0":  # pitch only where there is voicing
+            err = err * voiced
+        loss = masked_mean(err, mask)
+        parts[f"loss/audio/{name}"] = loss.detach()
+        total = total + weight * loss
+    return total, parts
+
+
+@OBJECTIVES.register("audio")
+class AudioAttributeObjective(Objective):
+    audio = True
+
+    def loss(self, outputs, batch, inputs, model):
+        loss, parts = audio_loss(outputs, batch, model, self.cfg.audio)
+        return loss, {"loss/audio": loss.detach(), **parts}
