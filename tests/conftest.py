@@ -62,3 +62,30 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray runtime for the in-process tests (as `avssl` itself starts it)."""
+    import ray
+
+    from avssl.runtime import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def tiny_cfg(workdir: Path, corpus: Path, *extra: str):
+    from avssl.config import load_config
+
+    return load_config(
+        "tiny",
+        TINY_TRAIN
+        + [
+            f"data.corpus={corpus}",
+            f"train.storage_path={workdir / 'runs'}",
+            f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+        ]
+        + list(extra),
+    )

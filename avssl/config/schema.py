@@ -29,6 +29,9 @@ class SynthConfig(Section):
     snr_db: Optional[float] = Field(20.0, description="additive noise at this SNR; null for clean audio")
     noise: Literal["white", "pink"] = "pink"
     vocabulary: Literal["minimal_pairs", "digits"] = "minimal_pairs"
+    head_motion: float = Field(
+        1.0, ge=0.0, le=4.0, description="scale of head drift and offset within a clip (0 = perfectly aligned faces)"
+    )
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     shard_size: int = Field(64, ge=1)
     workers: int = Field(0, ge=0, description="processes; 0 = all CPUs")
@@ -96,6 +99,9 @@ class IdentityEncoderConfig(Section):
 class FrameDecoderConfig(Section):
     name: str = "unet"
     noise_dim: int = Field(8, ge=0)
+    residual: bool = Field(
+        True, description="predict the change from the still frame (training starts at 'copy the still'); false = a plain Tanh frame, as the reference"
+    )
 
 
 class AttributeHeadsConfig(Section):
@@ -111,8 +117,16 @@ class ModelConfig(Section):
 
 
 class VisualObjectiveConfig(Section):
-    lower_face_weight: float = Field(2.0, ge=1.0, description="L1 weight of the lower half of the face")
+    loss: Literal["l1", "l2", "l1+l2"] = Field(
+        "l2",
+        description="pixel loss; l1 is the reference's. L1 pushes every wrong pixel equally hard, so on small data the "
+        "mouth is drowned by small unpredictable changes (blinks, sub-pixel head motion); an L2 term lets big errors lead",
+    )
+    lower_face_weight: float = Field(2.0, ge=1.0, description="weight of the lower half of the face")
     frames_per_clip: int = Field(8, ge=0, description="frames decoded per clip for the loss; 0 = all")
+    motion_weight: float = Field(
+        0.0, ge=0.0, description="extra weight on pixels that differ from the still frame, by the square of the change; 0 = off"
+    )
 
 
 class AudioObjectiveConfig(Section):
@@ -162,6 +176,7 @@ class TrainConfig(Section):
     storage_path: str = "avssl_runs"
     ray_address: Optional[str] = Field(None, description="Ray cluster address; null = start or join a local runtime")
     threads_per_worker: int = Field(0, ge=0, description="torch intra-op threads per worker; 0 = cpus_per_worker")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", description="Ray Train's own log level")
     probe: ProbeConfig = ProbeConfig()
 
     @model_validator(mode="after")

@@ -54,20 +54,29 @@ class UNetFrameDecoder(nn.Module):
         self.project = nn.Sequential(nn.Linear(in_dim, ch[-1] * self.bottom[0] * self.bottom[1]), nn.ReLU(inplace=True))
         ups = []
         for i in reversed(range(len(ch))):
-            cout = ch[i - 1] if i > 0 else 1
-            layer: list[nn.Module] = [nn.ConvTranspose2d(2 * ch[i], cout, 4, 2, 1, bias=i == 0)]
-            layer += [nn.BatchNorm2d(cout), nn.ReLU(inplace=True)] if i > 0 else [nn.Tanh()]
-            ups.append(nn.Sequential(*layer))
+            cout = ch[i - 1] if i > 0 else ch[0]
+            ups.append(nn.Sequential(nn.ConvTranspose2d(2 * ch[i], cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)))
         self.ups = nn.ModuleList(ups)
+        # The still frame itself is the last skip, and with `residual` the output is the still frame
+        # plus a predicted change: identity comes for free and capacity goes to what audio changes.
+        self.residual = cfg.residual
+        self.out = nn.Conv2d(ch[0] + 1, 1, 3, 1, 1)
+        if self.residual:  # start from an exact copy of the still frame
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
         self.channels = ch
 
-    def forward(self, audio: torch.Tensor, identity: torch.Tensor, skips: list[torch.Tensor], clip_of: torch.Tensor) -> torch.Tensor:
+    def forward(self, audio: torch.Tensor, identity: torch.Tensor, skips: list[torch.Tensor], clip_of: torch.Tensor, still: torch.Tensor) -> torch.Tensor:
         """audio [N, A] (one row per frame to draw), identity [B, I], skips per clip, clip_of [N]
-        mapping each frame to its clip -> frames [N, 1, H, W]."""
+        mapping each frame to its clip, still [B, 1, H, W] -> frames [N, 1, H, W]."""
         parts = [audio, identity[clip_of]]
         if self.noise_dim:
             parts.append(torch.randn(audio.shape[0], self.noise_dim, device=audio.device, dtype=audio.dtype))
         x = self.project(torch.cat(parts, 1)).view(audio.shape[0], self.channels[-1], *self.bottom)
         for up, skip in zip(self.ups, reversed(skips)):
             x = up(torch.cat([x, skip[clip_of]], 1))
-        return x
+        base = still[clip_of]
+        delta = self.out(torch.cat([x, base], 1))
+        if self.residual:
+            return torch.tanh(torch.atanh(base.clamp(-0.999, 0.999)) + delta)
+        return torch.tanh(delta)

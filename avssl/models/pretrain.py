@@ -69,7 +69,7 @@ class AVSSLModel(nn.Module):
         out: dict[str, Any] = {"emb": emb}
         if self.frame_decoder is not None and still is not None:
             code, skips = self.identity_encoder(still)
-            out["generated"] = self.frame_decoder(emb[clip_of, frame_of], code, skips, clip_of)
+            out["generated"] = self.frame_decoder(emb[clip_of, frame_of], code, skips, clip_of, still)
         if self.attribute_heads is not None:
             out["attributes"] = self.attribute_heads(emb)
         return out

@@ -17,7 +17,7 @@ class AudioVisualObjective(Objective):
         return {"wave": batch["wave"], **visual_inputs(batch, self.cfg.visual.frames_per_clip, generator)}
 
     def loss(self, outputs, batch, inputs, model):
-        l_vis = visual_loss(outputs, batch, inputs, self.cfg.visual.lower_face_weight)
+        l_vis = visual_loss(outputs, batch, inputs, self.cfg.visual)
         l_aud, parts = audio_loss(outputs, batch, model, self.cfg.audio)
         total = self.cfg.w_visual * l_vis + self.cfg.w_audio * l_aud
         return total, {"loss/visual": l_vis.detach(), "loss/audio": l_aud.detach(), **parts}

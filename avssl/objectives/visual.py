@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from avssl.config.schema import VisualObjectiveConfig
 from avssl.objectives.base import Objective
 from avssl.objectives.registry import OBJECTIVES
 
@@ -39,13 +40,21 @@ def visual_inputs(batch: dict[str, torch.Tensor], per_clip: int, generator: torc
     }
 
 
-def visual_loss(outputs: dict[str, Any], batch: dict[str, torch.Tensor], inputs: dict[str, Any], lower_face_weight: float) -> torch.Tensor:
+def visual_loss(outputs: dict[str, Any], batch: dict[str, torch.Tensor], inputs: dict[str, Any], cfg: VisualObjectiveConfig) -> torch.Tensor:
+    """Weighted pixel loss (L1, L2 or their sum). Weights: `lower_face_weight` on the lower half
+    of the frame, times 1 + motion_weight * (|real - still| / 2)^2 per pixel when enabled."""
     gen = outputs["generated"].float()  # [N, 1, H, W]
     real = to_unit(batch["frames"][inputs["clip_of"], inputs["frame_of"]]).unsqueeze(1)
     h = gen.shape[-2]
-    w = torch.ones(h, 1, device=gen.device)
-    w[h // 2 :] = lower_face_weight
-    return ((gen - real).abs() * w).mean() / w.mean()
+    w = torch.ones(1, 1, h, 1, device=gen.device)
+    w[..., h // 2 :, :] = cfg.lower_face_weight
+    if cfg.motion_weight:
+        moved = (real - inputs["still"][inputs["clip_of"]]).abs() / 2
+        w = w * (1.0 + cfg.motion_weight * moved.pow(2))
+    w = w.expand_as(gen)
+    err = gen - real
+    per_pixel = {"l1": err.abs(), "l2": err.pow(2), "l1+l2": err.abs() + err.pow(2)}[cfg.loss]
+    return (per_pixel * w).sum() / w.sum()
 
 
 @OBJECTIVES.register("visual")
@@ -56,5 +65,5 @@ class VisualObjective(Objective):
         return {"wave": batch["wave"], **visual_inputs(batch, self.cfg.visual.frames_per_clip, generator)}
 
     def loss(self, outputs, batch, inputs, model):
-        loss = visual_loss(outputs, batch, inputs, self.cfg.visual.lower_face_weight)
+        loss = visual_loss(outputs, batch, inputs, self.cfg.visual)
         return loss, {"loss/visual": loss.detach()}

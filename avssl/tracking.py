@@ -1,0 +1,324 @@
+"""The one place that talks to MLflow.
+
+- `Tracker`: experiments and runs (find by tags, create, reopen, end), params, artifacts.
+- `RunLogger`: metrics, figures and artifacts from a training process, buffered and sent from a
+  background thread, so a slow or dead tracking server never stalls training; what cannot be
+  sent is retried and, at the end, counted and reported as lost.
+
+Local default: a SQLite store `./mlflow.db` with artifacts under `./mlruns`; on a cluster, an
+`mlflow server` URI from config (`tracking.uri`) or MLFLOW_TRACKING_URI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from avssl.errors import TrackingError
+
+log = logging.getLogger("avssl.tracking")
+
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_LENGTH = 6000
+
+
+def _quiet_mlflow_http() -> None:
+    """Fail fast instead of MLflow's minutes of built-in HTTP retries; we retry ourselves."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def resolve_uri(uri: Optional[str] = None, base: Optional[Path] = None) -> str:
+    """Config value, else MLFLOW_TRACKING_URI, else ./mlflow.db; SQLite paths made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///") :])
+        if not path.is_absolute():
+            path = (base or Path.cwd()) / path
+        return f"sqlite:///{path.resolve()}"
+    if "://" not in uri:  # a bare folder: a SQLite store inside it
+        return f"sqlite:///{(Path(uri).resolve() / 'mlflow.db')}"
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail before any compute is spent when the tracking store cannot be used."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                if resp.status != 200:
+                    raise TrackingError(f"MLflow tracking server {uri} answered {resp.status} on /health")
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({reason}); start it (see cluster.yaml) "
+                "or set tracking.uri / MLFLOW_TRACKING_URI to a reachable server"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingError(f"cannot write the MLflow store {uri}: folder {folder} is missing or read-only")
+
+
+def _client(uri: str):
+    _quiet_mlflow_http()
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _flat_params(params: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for k, v in params.items():
+        s = "null" if v is None else str(v)
+        out[k] = s if len(s) <= MAX_PARAM_LENGTH else s[: MAX_PARAM_LENGTH - 3] + "..."
+    return out
+
+
+class Tracker:
+    def __init__(self, uri: Optional[str] = None, experiment: str = "avssl", artifact_root: Optional[str] = None, check: bool = True, timeout: float = 10.0):
+        self.uri = resolve_uri(uri)
+        if check:
+            check_reachable(self.uri, timeout)
+        self.client = _client(self.uri)
+        self.experiment_name = experiment
+        try:
+            self.experiment_id = self._experiment(experiment, artifact_root)
+        except Exception as e:
+            raise TrackingError(f"MLflow at {self.uri} refused to open experiment '{experiment}': {e}") from None
+
+    def _experiment(self, name: str, artifact_root: Optional[str]) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:///"):
+            # Absolute artifact folder next to the store, so workers in another cwd agree.
+            root = Path(artifact_root) if artifact_root else Path(self.uri[len("sqlite:///") :]).parent / "mlruns"
+            location = (root.resolve() / name).as_uri()
+        elif artifact_root:
+            location = artifact_root
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:
+            exp = self.client.get_experiment_by_name(name)  # created concurrently
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    # -- runs -------------------------------------------------------------------------------
+    def find_runs(self, tags: dict[str, str], parent_id: Optional[str] = None, statuses: Optional[Iterable[str]] = None) -> list[Any]:
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        if parent_id:
+            clauses.append(f"tags.`{PARENT_TAG}` = '{parent_id}'")
+        runs = self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=1000, order_by=["attributes.start_time ASC"])
+        if statuses:
+            runs = [r for r in runs if r.info.status in set(statuses)]
+        return runs
+
+    def find_run(self, tags: dict[str, str], parent_id: Optional[str] = None) -> Optional[Any]:
+        runs = self.find_runs(tags, parent_id)
+        return runs[0] if runs else None
+
+    def start_run(self, name: str, tags: dict[str, str], params: Optional[dict[str, Any]] = None, parent_id: Optional[str] = None) -> str:
+        all_tags = dict(tags)
+        if parent_id:
+            all_tags[PARENT_TAG] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def find_or_start_run(self, name: str, tags: dict[str, str], params: Optional[dict[str, Any]] = None, parent_id: Optional[str] = None) -> tuple[str, bool]:
+        """Reopen the run carrying these tags (under this parent), else create it. -> (id, reopened)."""
+        run = self.find_run(tags, parent_id)
+        if run is not None:
+            if run.info.status != "RUNNING":
+                self.client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id, True
+        return self.start_run(name, tags, params, parent_id), False
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in _flat_params(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_figure(self, run_id: str, figure: Any, path: str) -> None:
+        self.client.log_figure(run_id, figure, path)
+
+    def log_artifact(self, run_id: str, local: Path, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifact(run_id, str(local), artifact_path)
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.client.log_text(run_id, text, path)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def get_run(self, run_id: str) -> Any:
+        try:
+            return self.client.get_run(run_id)
+        except Exception as e:
+            raise TrackingError(f"no MLflow run '{run_id}' in {self.uri} ({type(e).__name__})") from None
+
+    def download(self, run_id: str, artifact_path: str, dst: Optional[Path] = None) -> Path:
+        dst = dst or Path(tempfile.mkdtemp(prefix="avssl-artifact-"))
+        try:
+            return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
+        except Exception as e:
+            raise TrackingError(f"run {run_id} has no artifact '{artifact_path}' ({type(e).__name__}: {e})") from None
+
+    def metric_history(self, run_id: str, key: str) -> list[Any]:
+        return self.client.get_metric_history(run_id, key)
+
+
+class RunLogger:
+    """Buffered, retrying, non-blocking logging into one run (used by the training processes)."""
+
+    def __init__(self, uri: str, run_id: str, flush_every_s: float = 5.0, max_buffer: int = 100_000, fallback_dir: Optional[Path] = None):
+        self.uri, self.run_id = uri, run_id
+        self.flush_every_s = flush_every_s
+        self.max_buffer = max_buffer
+        self.fallback_dir = fallback_dir
+        self._metrics: list[Any] = []
+        self._uploads: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.sent = 0
+        self.lost = 0
+        self.failures = 0
+        self.kept_locally: list[str] = []
+        self._warned = False
+        self._client = None
+        self._thread = threading.Thread(target=self._run, name="avssl-mlflow", daemon=True)
+        self._thread.start()
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = _client(self.uri)
+        return self._client
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self._lock:
+            self._metrics.extend(Metric(k, float(v), now, int(step)) for k, v in values.items() if v is not None)
+            overflow = len(self._metrics) - self.max_buffer
+            if overflow > 0:
+                del self._metrics[:overflow]
+                self.lost += overflow
+
+    def figure(self, figure: Any, path: str) -> None:
+        """Render now (matplotlib is not thread-safe), upload later."""
+        tmp = Path(tempfile.mkdtemp(prefix="avssl-fig-")) / Path(path).name
+        figure.savefig(tmp, dpi=110, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+        self.artifact(tmp, str(Path(path).parent) if Path(path).parent != Path(".") else None)
+
+    def artifact(self, local: Path, artifact_path: Optional[str] = None) -> None:
+        with self._lock:
+            self._uploads.append((str(local), artifact_path))
+        self._wake.set()
+
+    def _send(self) -> None:
+        with self._lock:
+            metrics, self._metrics = self._metrics, []
+            uploads, self._uploads = self._uploads, []
+        done = 0
+        try:
+            while done < len(metrics):
+                chunk = metrics[done : done + 500]
+                self.client.log_batch(self.run_id, metrics=chunk)
+                done += len(chunk)
+                self.sent += len(chunk)
+            while uploads:
+                local, path = uploads[0]
+                self.client.log_artifact(self.run_id, local, path)
+                uploads.pop(0)
+            if self.failures:
+                log.warning("MLflow at %s is reachable again; buffered metrics were sent", self.uri)
+            self.failures = 0
+            self._warned = False
+        except Exception as e:
+            self.failures += 1
+            with self._lock:
+                self._metrics[:0] = metrics[done:]
+                self._uploads[:0] = uploads
+            if not self._warned:
+                log.warning(
+                    "MLflow at %s unreachable (%s); training continues, %d metrics buffered for retry",
+                    self.uri, type(e).__name__, len(self._metrics),
+                )
+                self._warned = True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_every_s)
+            self._wake.clear()
+            if self._metrics or self._uploads:
+                self._send()
+
+    def flush(self) -> None:
+        self._wake.set()
+
+    def close(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Stop the sender; try to send what is left until the deadline; report what was lost."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=timeout_s)
+        deadline = time.time() + timeout_s
+        while (self._metrics or self._uploads) and time.time() < deadline:
+            self._send()
+            if self._metrics or self._uploads:
+                time.sleep(min(2.0, max(0.0, deadline - time.time())))
+        with self._lock:
+            self.lost += len(self._metrics)
+            self._metrics = []
+            for local, path in self._uploads:
+                self.kept_locally.append(self._keep_locally(local, path))
+            self._uploads = []
+        return {"sent": self.sent, "lost": self.lost, "kept_locally": self.kept_locally}
+
+    def _keep_locally(self, local: str, path: Optional[str]) -> str:
+        if self.fallback_dir is None:
+            return local
+        import shutil
+
+        dst = self.fallback_dir / (path or "") / Path(local).name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(local, dst)
+        return str(dst)
+
+
+def mlflow_ui_hint(uri: str) -> str:
+    if uri.startswith("sqlite:///"):
+        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return f"open {uri} in a browser"

@@ -1,0 +1,347 @@
+"""The Ray Train loop: one copy runs in every worker.
+
+Each worker streams its own part of the corpus, the model is wrapped in DDP (gloo on CPU, nccl on
+GPU), and every `checkpoint_every_steps` (and at each epoch end) rank 0 writes a checkpoint with
+model, optimiser, scheduler, step counters and RNG states. After a worker failure or a driver
+restart, `ray.train.get_checkpoint()` hands back the latest one and training continues from that
+step and batch. Rank 0 logs to MLflow through a non-blocking `RunLogger`.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from avssl.config.loader import config_from_dict
+from avssl.config.schema import Config
+from avssl.data.corpus import Corpus
+from avssl.data.loader import RankStream, iterate_rows, rows_for_pretraining
+from avssl.models import AVSSLModel, save_encoder
+from avssl.objectives import build_objective
+from avssl.objectives.audio_attributes import fit_target_stats
+
+STATE_FILE = "state.pt"
+ENCODER_FILE = "encoder.pt"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches done in the current epoch
+    samples: int = 0  # clips seen, all workers
+    train_seconds: float = 0.0  # time in training steps, summed over restarts
+    restarts: int = 0
+    resumed_from_step: int = -1
+
+
+def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class Running:
+    """Means of the loss components since the last log."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.n += 1
+
+    def pop(self) -> dict[str, float]:
+        out = {k: v / max(1, self.n) for k, v in self.sums.items()}
+        self.sums, self.n = {}, 0
+        return out
+
+
+def _save_state(path: Path, model, optimizer, scheduler, scaler, state: TrainState, generator: torch.Generator) -> None:
+    """Tensors and plain values only: `torch.load(..., weights_only=True)` reads it back."""
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "state": asdict(state),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "generator": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+    }
+    torch.save(payload, path / STATE_FILE)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+@torch.no_grad()
+def _validation(model: AVSSLModel, objective, batches: list[dict[str, torch.Tensor]], device: torch.device, seed: int) -> dict[str, float]:
+    model.eval()
+    running = Running()
+    gen = torch.Generator().manual_seed(seed)
+    for batch in batches:
+        batch = to_device(batch, device)
+        inputs = objective.model_inputs(batch, gen)
+        outputs = model(**inputs)
+        loss, parts = objective.loss(outputs, batch, inputs, model)
+        running.add({"loss": loss, **parts})
+    model.train()
+    out = {f"val/{k}": v for k, v in running.pop().items()}
+    if objective.visual and batches:
+        out["val/copy_still/visual"] = _copy_still_loss(objective, batches, seed)
+    return out
+
+
+def _copy_still_loss(objective, batches: list[dict[str, torch.Tensor]], seed: int) -> float:
+    """The visual loss of a generator that returns the still frame: the bar to beat."""
+    from avssl.objectives.visual import visual_loss
+
+    gen, total = torch.Generator().manual_seed(seed), 0.0
+    for batch in batches:
+        inputs = objective.model_inputs(batch, gen)
+        copy = {"generated": inputs["still"][inputs["clip_of"]]}
+        total += float(visual_loss(copy, batch, inputs, objective.cfg.visual))
+    return total / len(batches)
+
+
+@torch.no_grad()
+def generated_frames_figure(model: AVSSLModel, batch: dict[str, torch.Tensor], device: torch.device, n: int = 10, title: str = ""):
+    """Real vs generated frames of one fixed validation clip, with its audio energy."""
+    from avssl.figures import generated_vs_real
+    from avssl.objectives.visual import to_unit
+
+    model.eval()
+    batch = to_device({k: v[:1] for k, v in batch.items()}, device)
+    t = int(batch["lengths"][0])
+    idx = torch.linspace(0, t - 1, min(n, t)).round().long().to(device)
+    torch.manual_seed(0)
+    out = model(batch["wave"], still=to_unit(batch["still"]).unsqueeze(1), clip_of=torch.zeros_like(idx), frame_of=idx)
+    model.train()
+    real = to_unit(batch["frames"][0, idx]).cpu().numpy()
+    gen = out["generated"][:, 0].float().cpu().numpy()
+    wave = batch["wave"][0].cpu().numpy()[: t * 640].reshape(t, 640)
+    energy = np.sqrt((wave**2).mean(1))[idx.cpu().numpy()]
+    return generated_vs_real(real, gen, energy, title)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from avssl.runtime import quiet_train_worker_logs
+    from avssl.tracking import RunLogger
+
+    cfg: Config = config_from_dict(config["cfg"])
+    quiet_train_worker_logs(cfg.train.log_level)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.train.threads_per_worker or max(1, int(cfg.train.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+
+    corpus = Corpus(cfg.data.corpus)
+    objective = build_objective(cfg.objective)
+    rows = rows_for_pretraining(corpus, cfg.data.pretrain_fraction, cfg.seed)
+    stream = RankStream(
+        corpus, rows, cfg.data.batch_size, rank, world, cfg.seed,
+        crop_frames=cfg.data.clip_frames, still=cfg.data.still_frame,
+        with_video=objective.visual, prefetch=cfg.data.prefetch_batches,
+    )
+    torch.manual_seed(cfg.seed)
+    model = AVSSLModel(cfg.model, cfg.objective, corpus.frame_size, objective.visual, objective.audio)
+    if objective.audio:  # the same clips on every rank: identical statistics
+        sample = rows_for_pretraining(corpus, 1.0, cfg.seed, max_clips=128)
+        fit_target_stats(model, (b["wave"] for _, b in iterate_rows(corpus, sample, 32)), cfg.objective.audio)
+
+    epoch_steps = [stream.batches_in_epoch(e) for e in range(cfg.train.epochs)]
+    total_steps = sum(epoch_steps)
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.train.warmup_steps, total_steps))
+    dtype = amp_dtype(cfg.train.mixed_precision, device)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    state = TrainState()
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            payload = load_state(Path(d))
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        if scaler is not None and payload["scaler"]:
+            scaler.load_state_dict(payload["scaler"])
+        state = TrainState(**payload["state"])
+        state.restarts += 1
+        state.resumed_from_step = state.step
+        torch.set_rng_state(payload["rng"]["torch"])
+        generator.set_state(payload["rng"]["generator"])
+        if rank == 0:
+            print(f"[avssl] resumed from checkpoint at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})", flush=True)
+
+    model = ray.train.torch.prepare_model(model)
+    raw: AVSSLModel = model.module if hasattr(model, "module") else model
+
+    logger = None
+    if rank == 0 and config.get("run_id"):
+        logger = RunLogger(config["tracking_uri"], config["run_id"], fallback_dir=Path(cfg.train.storage_path) / "unsent_artifacts")
+        if state.resumed_from_step >= 0:
+            logger.metrics({"resumed_from_step": state.resumed_from_step}, state.step)
+
+    val_batches: list[dict[str, torch.Tensor]] = []
+    figure_batch = None
+    probe = None
+    if rank == 0:
+        val_rows = corpus.select("val", max_clips=64, seed=cfg.seed)
+        val_batches = [b for _, b in iterate_rows(corpus, val_rows, cfg.data.batch_size, with_video=objective.visual)]
+        if objective.visual and val_batches:
+            figure_batch = val_batches[0]
+        if cfg.train.probe.enabled:
+            from avssl.train.probe import QuickProbe
+
+            probe = QuickProbe(corpus, cfg.train.probe.task, cfg.train.probe.max_clips, cfg.seed)
+
+    def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                _save_state(Path(tmp), raw, optimizer, scheduler, scaler, state, generator)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"checkpoint_step{state.step:07d}")
+            else:
+                ray.train.report(metrics, checkpoint=None)
+
+    running = Running()
+    window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+    last_loss = float("nan")
+    done = state.step >= total_steps
+    for epoch in range(state.epoch, cfg.train.epochs):
+        if done:
+            break
+        start_batch = state.batch if epoch == state.epoch else 0
+        epoch_time, epoch_samples = 0.0, 0  # time in data loading + steps, without evals and reports
+        t_wait = time.perf_counter()
+        for batch in stream.epoch(epoch, start_batch):
+            data_wait += time.perf_counter() - t_wait
+            batch = to_device(batch, device)
+            inputs = objective.model_inputs(batch, generator)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                outputs = model(**inputs)
+            loss, parts = objective.loss(outputs, batch, inputs, raw)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {float(loss)} at step {state.step}; lower train.lr")
+            bsz = batch["wave"].shape[0]
+            state.step += 1
+            state.batch += 1
+            state.samples += bsz * world
+            epoch_samples += bsz
+            window_samples += bsz
+            running.add({"loss": loss.detach(), **parts})
+            done = state.step >= total_steps
+            step_seconds = time.perf_counter() - t_wait
+            epoch_time += step_seconds
+            state.train_seconds += step_seconds
+
+            if state.step % cfg.train.log_every_steps == 0 and logger is not None:
+                elapsed = time.perf_counter() - window_start
+                values = {f"train/{k}": v for k, v in running.pop().items()}
+                last_loss = values.get("train/loss", last_loss)
+                values["throughput/samples_per_s"] = window_samples * world / max(elapsed, 1e-9)
+                values["time/data_wait_fraction"] = data_wait / max(elapsed, 1e-9)
+                values["lr"] = scheduler.get_last_lr()[0]
+                values["epoch"] = epoch + state.batch / epoch_steps[epoch]
+                logger.metrics(values, state.step)
+                window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+            end_of_epoch = state.batch >= epoch_steps[epoch]
+            if state.step % cfg.train.checkpoint_every_steps == 0 and not end_of_epoch and not done:
+                report({"step": state.step, "epoch": epoch, "loss": float(loss.detach())}, with_checkpoint=True)
+            t_wait = time.perf_counter()
+            if done:
+                break
+
+        state.epoch, state.batch = epoch + 1, 0
+        metrics: dict[str, float] = {"step": state.step, "epoch": epoch + 1, "loss": float(loss.detach()) if state.step else float("nan")}
+        if rank == 0:
+            metrics.update(_validation(raw, objective, val_batches, device, cfg.seed))
+            if probe is not None:
+                metrics.update(probe(raw.audio_encoder, device))
+            metrics["throughput/epoch_samples_per_s"] = epoch_samples * world / max(epoch_time, 1e-9)
+            if logger is not None:
+                logger.metrics({k: v for k, v in metrics.items() if k not in ("step",)}, state.step)
+                if figure_batch is not None:
+                    logger.figure(generated_frames_figure(raw, figure_batch, device, title=f"epoch {epoch + 1}, step {state.step}"), f"frames/epoch_{epoch + 1:03d}.png")
+            parts_msg = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in metrics.items() if k.startswith("val/loss/") and k.count("/") == 2)
+            probe_msg = "".join(f" | {k.split('/')[-1]} {v:.3f}" for k, v in metrics.items() if k.startswith("probe/val_uar") or k.startswith("probe/val_ccc"))
+            print(
+                f"[avssl] epoch {epoch + 1}/{cfg.train.epochs} step {state.step}: train loss {metrics['loss']:.4f}"
+                f" | val loss {metrics.get('val/loss', float('nan')):.4f}" + (f" ({parts_msg})" if parts_msg else "")
+                + probe_msg + f" | {metrics['throughput/epoch_samples_per_s']:.1f} samples/s",
+                flush=True,
+            )
+        report(metrics, with_checkpoint=True)
+
+    if rank == 0:
+        out = Path(tempfile.mkdtemp(prefix="avssl-encoder-")) / ENCODER_FILE
+        save_encoder(raw.audio_encoder, cfg.model.audio_encoder, out, extra={"step": state.step, "objective": cfg.objective.name, "run_name": cfg.run_name})
+        if config.get("encoder_dir"):
+            Path(config["encoder_dir"]).mkdir(parents=True, exist_ok=True)
+            import shutil
+
+            shutil.copy2(out, Path(config["encoder_dir"]) / ENCODER_FILE)
+        if logger is not None:
+            logger.metrics(
+                {
+                    "final/steps": state.step,
+                    "final/samples_per_s": state.samples / max(state.train_seconds, 1e-9),
+                    "final/restarts": state.restarts,
+                },
+                state.step,
+            )
+            logger.artifact(out, "encoder")
+            result = logger.close()
+            if result["lost"] or result["kept_locally"]:
+                print(f"[avssl] MLflow: {result['lost']} metric values could not be sent; artifacts kept locally: {result['kept_locally']}", flush=True)

@@ -1,0 +1,137 @@
+"""`avssl pretrain`: build and run the Ray Train `TorchTrainer`, tracked as one MLflow run.
+
+Rerunning with the same `run_name` (and `train.storage_path`) resumes: Ray finds the run's
+snapshot and the loop restarts from the latest checkpoint; the same MLflow run is reopened.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from avssl.config.loader import flatten
+from avssl.config.schema import Config
+from avssl.data.corpus import Corpus
+from avssl.errors import AvsslError, DataError
+from avssl.objectives import build_objective
+from avssl.runtime import check_resources, ensure_ray
+from avssl.tracking import Tracker, mlflow_ui_hint
+from avssl.train.loop import ENCODER_FILE, train_loop_per_worker
+
+
+@dataclass
+class PretrainResult:
+    run_id: str
+    run_name: str
+    metrics: dict[str, Any]
+    checkpoint_path: Optional[str]
+    encoder_path: str
+    tracking_uri: str
+    seconds: float
+
+
+def run_tags(cfg: Config, corpus: Corpus) -> dict[str, str]:
+    return {
+        "avssl.kind": "pretrain",
+        "avssl.run_name": str(cfg.run_name),
+        "avssl.objective": cfg.objective.name,
+        "avssl.corpus": corpus.name,
+        "avssl.preset": cfg.preset,
+        "avssl.data_fraction": f"{cfg.data.pretrain_fraction:g}",
+        "avssl.workers": str(cfg.train.num_workers),
+    }
+
+
+def build_trainer(cfg: Config, loop_config: dict[str, Any], callbacks: Optional[list] = None):
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    workers: Any = cfg.train.num_workers
+    if cfg.train.elastic_min_workers:
+        workers = (cfg.train.elastic_min_workers, cfg.train.num_workers)
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.train.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.train.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="loss", checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks or [],
+            logging_config=LoggingConfig(log_level=cfg.train.log_level),
+        ),
+    )
+
+
+def prepare_run(cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None) -> tuple[Config, Corpus, Tracker, str, bool]:
+    """Everything that can fail cheaply, in order, before any compute: corpus, objective vs
+    corpus, tracking store, Ray resources; then the MLflow run is created or reopened."""
+    corpus = Corpus(cfg.data.corpus)
+    objective = build_objective(cfg.objective)
+    if objective.visual and not corpus.has_video:
+        raise DataError(f"objective '{cfg.objective.name}' needs video frames; corpus {corpus.root} is audio-only (use objective.name=audio)")
+    if not cfg.run_name:
+        cfg = cfg.model_copy(update={"run_name": f"{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"})
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)
+    ensure_ray(cfg.train.ray_address)
+    check_resources(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu, cfg.train.gpus_per_worker, cfg.train.elastic_min_workers)
+    key = {"avssl.kind": "pretrain", "avssl.run_name": str(cfg.run_name)}
+    run_id, reopened = tracker.find_or_start_run(str(cfg.run_name), key, params=flatten(cfg.model_dump(mode="json")), parent_id=parent_run_id)
+    tracker.set_tags(run_id, {**run_tags(cfg, corpus), **(extra_tags or {})})
+    return cfg, corpus, tracker, run_id, reopened
+
+
+def pretrain(cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None) -> PretrainResult:
+    t0 = time.perf_counter()
+    cfg, corpus, tracker, run_id, reopened = prepare_run(cfg, parent_run_id, extra_tags)
+    run_dir = Path(cfg.train.storage_path) / str(cfg.run_name)
+    print(f"pretrain '{cfg.run_name}': objective {cfg.objective.name}, corpus {corpus.root.name} ({corpus.name}), "
+          f"{cfg.train.num_workers} worker(s), MLflow run {run_id}" + (" (resuming)" if reopened else ""), flush=True)
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "tracking_uri": tracker.uri,
+        "run_id": run_id,
+        "encoder_dir": str(run_dir),
+    }
+    trainer = build_trainer(cfg, loop_config)
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        tracker.end_run(run_id, "FAILED")
+        cause = getattr(e, "__cause__", None) or e
+        raise AvsslError(f"pretraining '{cfg.run_name}' failed: {type(cause).__name__}: {cause}\n"
+                         f"checkpoints written so far are kept in {run_dir}; rerun the same command to resume") from None
+    tracker.end_run(run_id, "FINISHED")
+    return PretrainResult(
+        run_id=run_id,
+        run_name=str(cfg.run_name),
+        metrics=dict(result.metrics or {}),
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        encoder_path=str(run_dir / ENCODER_FILE),
+        tracking_uri=tracker.uri,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def pretrain_command(cfg: Config) -> int:
+    r = pretrain(cfg)
+    m = r.metrics
+    print(f"\npretrain '{r.run_name}' finished in {r.seconds:.0f} s: step {m.get('step')}, train loss {m.get('loss', float('nan')):.4f}, "
+          f"val loss {m.get('val/loss', float('nan')):.4f}")
+    print(f"  MLflow run id: {r.run_id}  (evaluate it with: avssl evaluate evaluate.encoder={r.run_id})")
+    print(f"  encoder: {r.encoder_path}")
+    print(f"  checkpoint: {r.checkpoint_path}")
+    print(f"  results: {mlflow_ui_hint(r.tracking_uri)}")
+    return 0

@@ -1,0 +1,60 @@
+import torch
+
+from avssl.config import load_config
+from avssl.models import AVSSLModel, build_audio_encoder, load_encoder, save_encoder
+from avssl.models.face import ConvIdentityEncoder, UNetFrameDecoder
+from tests.conftest import TINY_TRAIN
+
+
+def test_audio_encoder_one_embedding_per_video_frame():
+    cfg = load_config("tiny").model.audio_encoder
+    enc = build_audio_encoder(cfg)
+    out = enc(torch.randn(3, 40 * 640))
+    assert out.shape == (3, 40, cfg.gru_hidden)
+
+
+def test_paper_preset_encoder_matches_reference_sizes():
+    cfg = load_config("paper").model.audio_encoder
+    enc = build_audio_encoder(cfg)
+    first = enc.first[0]
+    assert first.kernel_size == (80,) and first.stride == (16,)  # 5 ms kernel, 1 ms stride at 16 kHz
+    channels = [m.out_channels for m in enc.convs.modules() if isinstance(m, torch.nn.Conv1d)]
+    assert channels == [32, 64, 128, 256]
+    assert enc.code[0].out_channels == 256 and enc.gru.num_layers == 2 and enc.gru.hidden_size == 256
+
+
+def test_shared_first_layer_equals_per_window_computation():
+    cfg = load_config("tiny").model.audio_encoder
+    enc = build_audio_encoder(cfg).eval()
+    wave = torch.randn(2, 12 * 640)
+    shared = enc.frame_codes(wave)
+    enc.shared_first = False
+    per_window = enc.frame_codes(wave)
+    assert torch.allclose(shared, per_window, atol=1e-5)
+
+
+def test_identity_encoder_and_decoder_shapes_and_residual_start():
+    cfg = load_config("tiny")
+    ident = ConvIdentityEncoder(cfg.model.identity_encoder, (64, 64))
+    dec = UNetFrameDecoder(cfg.model.frame_decoder, ident, audio_dim=16)
+    still = torch.rand(2, 1, 64, 64) * 1.6 - 0.8
+    code, skips = ident(still)
+    assert code.shape == (2, cfg.model.identity_encoder.code_dim)
+    assert [s.shape[-1] for s in skips] == [32, 16, 8, 4]
+    clip_of = torch.tensor([0, 0, 1])
+    frames = dec(torch.randn(3, 16), code, skips, clip_of, still)
+    assert frames.shape == (3, 1, 64, 64)
+    assert torch.allclose(frames, still[clip_of], atol=2e-3)  # the residual decoder starts as a copy
+
+
+def test_encoder_file_loads_with_weights_only(tmp_path):
+    cfg = load_config("tiny", TINY_TRAIN)
+    model = AVSSLModel(cfg.model, cfg.objective, (32, 32), visual=True, audio=True)
+    path = save_encoder(model.audio_encoder, cfg.model.audio_encoder, tmp_path / "enc.pt", {"step": 3})
+    raw = torch.load(path, weights_only=True)
+    assert raw["extra"]["step"] == 3
+    enc, extra = load_encoder(path)
+    wave = torch.randn(1, 10 * 640)
+    model.audio_encoder.eval()
+    enc.eval()
+    assert torch.allclose(enc(wave), model.audio_encoder(wave))

@@ -1,0 +1,117 @@
+"""Pretraining on a real local Ray runtime, tracked in a real MLflow store."""
+
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from avssl.errors import DataError, ResourceError
+from avssl.models import load_encoder
+from avssl.train.trainer import pretrain
+from tests.conftest import tiny_cfg
+
+pytestmark = pytest.mark.slow
+
+
+def history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
+
+
+def test_pretrain_is_tracked_in_mlflow_and_resumes_by_name(workdir, synth_corpus, ray_local):
+    cfg = tiny_cfg(workdir, synth_corpus, "objective.name=av", "run_name=av-tiny", "train.epochs=3")
+    r = pretrain(cfg)
+    client = MlflowClient(r.tracking_uri)
+    run = client.get_run(r.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["objective.name"] == "av" and run.data.params["model.audio_encoder.gru_hidden"] == "16"
+    assert {k: run.data.tags[k] for k in ("avssl.objective", "avssl.corpus", "avssl.preset", "avssl.data_fraction")} == {
+        "avssl.objective": "av", "avssl.corpus": "synthetic", "avssl.preset": "tiny", "avssl.data_fraction": "1"
+    }
+    total = history(client, r.run_id, "train/loss")
+    audio = history(client, r.run_id, "train/loss/audio")
+    assert len(total) >= 3 and [s for s, _ in total] == sorted({s for s, _ in total})
+    assert total[-1][1] < total[0][1] and audio[-1][1] < audio[0][1], "pretext losses must fall"
+    assert client.get_metric_history(r.run_id, "train/loss/visual") and client.get_metric_history(r.run_id, "val/copy_still/visual")
+    for key in ("throughput/samples_per_s", "probe/val_uar", "val/loss/visual", "val/loss/audio/log_f0"):
+        assert client.get_metric_history(r.run_id, key), key
+    arts = {a.path for a in client.list_artifacts(r.run_id, "frames")} | {a.path for a in client.list_artifacts(r.run_id, "encoder")}
+    assert "frames/epoch_001.png" in arts and "encoder/encoder.pt" in arts
+    enc, extra = load_encoder(Path(client.download_artifacts(r.run_id, "encoder/encoder.pt", str(workdir))))
+    assert extra["objective"] == "av" and extra["step"] == r.metrics["step"]
+    state = torch.load(Path(r.checkpoint_path) / "state.pt", weights_only=True)
+    assert state["state"]["step"] == r.metrics["step"]
+
+    # Same name again: the same MLflow run, and training continues where it stopped.
+    steps_before = r.metrics["step"]
+    again = pretrain(tiny_cfg(workdir, synth_corpus, "objective.name=av", "run_name=av-tiny", "train.epochs=4"))
+    assert again.run_id == r.run_id
+    assert again.metrics["step"] > steps_before
+    resumed = history(client, r.run_id, "resumed_from_step")
+    assert resumed and resumed[-1][1] == steps_before
+    runs = client.search_runs([run.info.experiment_id], "tags.`avssl.run_name` = 'av-tiny'")
+    assert len(runs) == 1
+
+
+def test_two_workers_on_one_machine(workdir, synth_corpus, ray_local):
+    r = pretrain(tiny_cfg(workdir, synth_corpus, "objective.name=audio", "run_name=two", "train.num_workers=2", "train.epochs=1"))
+    client = MlflowClient(r.tracking_uri)
+    assert client.get_run(r.run_id).data.tags["avssl.workers"] == "2"
+    assert client.get_metric_history(r.run_id, "throughput/epoch_samples_per_s")
+
+
+def _kill_a_worker_after_checkpoint(run_dir: Path, min_step: int, killed: dict) -> None:
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        steps = [int(p.name.split("step")[1]) for p in run_dir.glob("checkpoint_step*")] if run_dir.exists() else []
+        if steps and max(steps) >= min_step:
+            for p in psutil.process_iter(["name"]):
+                if (p.info["name"] or "").startswith("ray::RayTrainWorker"):
+                    killed["step"] = max(steps)
+                    killed["pid"] = p.pid
+                    p.kill()
+                    return
+        time.sleep(0.2)
+
+
+def test_killed_worker_resumes_from_its_last_checkpoint(workdir, synth_corpus, ray_local):
+    cfg = tiny_cfg(workdir, synth_corpus, "objective.name=audio", "run_name=killed", "train.epochs=3",
+                   "train.checkpoint_every_steps=2", "train.max_failures=2", "train.probe.enabled=false")
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_a_worker_after_checkpoint, args=(workdir / "runs" / "killed", 4, killed), daemon=True)
+    killer.start()
+    r = pretrain(cfg)
+    killer.join(timeout=5)
+    assert killed, "no worker was killed"
+    client = MlflowClient(r.tracking_uri)
+    resumed = history(client, r.run_id, "resumed_from_step")
+    # The newest folder on disk may not be registered yet when the worker dies; Ray resumes from
+    # the newest persisted checkpoint: never step 0, never past what was on disk.
+    assert len(resumed) == 1 and 2 <= resumed[0][1] <= killed["step"], (resumed, killed)
+    restarts = history(client, r.run_id, "final/restarts")
+    assert restarts[-1][1] == 1
+    steps_per_epoch = r.metrics["step"] // 3
+    assert r.metrics["step"] == 3 * steps_per_epoch  # the whole schedule ran, counting on from the checkpoint
+    losses = history(client, r.run_id, "train/loss")
+    assert max(s for s, _ in losses) == r.metrics["step"]
+
+
+def test_bad_requests_fail_before_any_compute(workdir, synth_corpus, tmp_path, ray_local):
+    with pytest.raises(ResourceError, match=r"8 workers x 1 CPU = 8 CPUs requested, the Ray cluster has 2"):
+        pretrain(tiny_cfg(workdir, synth_corpus, "train.num_workers=8", "run_name=too-big"))
+    with pytest.raises(ResourceError, match="use_gpu=true"):
+        pretrain(tiny_cfg(workdir, synth_corpus, "train.use_gpu=true", "run_name=gpu"))
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`avssl.run_name` = 'too-big'")
+
+    from avssl.data.corpus import CorpusWriter
+    from tests.test_corpus import _clip
+
+    w = CorpusWriter(tmp_path / "audio_only", "a", shard_size=4)
+    for i in range(8):
+        w.add(_clip(i, frames=False))
+    with pytest.raises(DataError, match="needs video frames; .* is audio-only"):
+        pretrain(tiny_cfg(workdir, w.finish(), "objective.name=av"))
