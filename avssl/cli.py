@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("quickstart", cmd_quickstart, "the whole pipeline on the synthetic corpus: synth -> pretrain -> evaluate -> studies -> report",
             "Runs end to end on the tiny preset in minutes on a laptop CPU and prints where the results are.")
     p.add_argument("--skip-tune", action="store_true", help="leave out the small loss-weight search")
-    _add_config_args(p)
+    p.add_argument("--config", "-c", default="quickstart", help="preset or YAML file; default: quickstart (tiny models, small corpus)")
+    p.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help=OVERRIDES_HELP)
     return parser
 
 

@@ -205,7 +205,7 @@ class EvaluateConfig(Section):
     hidden: int = Field(64, ge=1)
     seeds: list[int] = [0, 1, 2]
     label_fraction: float = Field(1.0, gt=0.0, le=1.0)
-    train_snr_db: Optional[float] = Field(None, description="add noise at this SNR while training the head")
+    parallel: bool = Field(True, description="run evaluation jobs as Ray tasks (all cores; any node of a cluster)")
 
 
 class NoiseStudyConfig(Section):

@@ -4,7 +4,7 @@ from avssl.models.registry import ATTRIBUTE_HEADS, AUDIO_ENCODERS, FRAME_DECODER
 
 # Importing registers the built-in parts.
 from avssl.models import audio_encoder, face, heads  # noqa: E402,F401
-from avssl.models.pretrain import AVSSLModel, build_audio_encoder, load_encoder, save_encoder  # noqa: E402
+from avssl.models.pretrain import AVSSLModel, build_audio_encoder, load_encoder, recalibrate_batchnorm, save_encoder  # noqa: E402
 
 __all__ = [
     "ATTRIBUTE_HEADS",
@@ -14,5 +14,6 @@ __all__ = [
     "IDENTITY_ENCODERS",
     "build_audio_encoder",
     "load_encoder",
+    "recalibrate_batchnorm",
     "save_encoder",
 ]

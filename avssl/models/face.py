@@ -57,10 +57,10 @@ class UNetFrameDecoder(nn.Module):
             cout = ch[i - 1] if i > 0 else ch[0]
             ups.append(nn.Sequential(nn.ConvTranspose2d(2 * ch[i], cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)))
         self.ups = nn.ModuleList(ups)
-        # The still frame itself is the last skip, and with `residual` the output is the still frame
-        # plus a predicted change: identity comes for free and capacity goes to what audio changes.
+        # With `residual`, the output is the still frame plus a predicted change: identity comes for
+        # free and the decoder's capacity goes to what the audio changes.
         self.residual = cfg.residual
-        self.out = nn.Conv2d(ch[0] + 1, 1, 3, 1, 1)
+        self.out = nn.Conv2d(ch[0], 1, 3, 1, 1)
         if self.residual:  # start from an exact copy of the still frame
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
@@ -75,8 +75,7 @@ class UNetFrameDecoder(nn.Module):
         x = self.project(torch.cat(parts, 1)).view(audio.shape[0], self.channels[-1], *self.bottom)
         for up, skip in zip(self.ups, reversed(skips)):
             x = up(torch.cat([x, skip[clip_of]], 1))
-        base = still[clip_of]
-        delta = self.out(torch.cat([x, base], 1))
+        delta = self.out(x)
         if self.residual:
-            return torch.tanh(torch.atanh(base.clamp(-0.999, 0.999)) + delta)
+            return torch.tanh(torch.atanh(still[clip_of].clamp(-0.999, 0.999)) + delta)
         return torch.tanh(delta)

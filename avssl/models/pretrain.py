@@ -43,6 +43,9 @@ class AVSSLModel(nn.Module):
             ident = IDENTITY_ENCODERS.get(model_cfg.identity_encoder.name)(model_cfg.identity_encoder, frame_size)
             self.identity_encoder = ident
             self.frame_decoder = FRAME_DECODERS.get(model_cfg.frame_decoder.name)(model_cfg.frame_decoder, ident, emb)
+            # Image convolutions run about 1.5x faster channels-last on CPU (and suit GPU tensor cores).
+            self.identity_encoder.to(memory_format=torch.channels_last)
+            self.frame_decoder.to(memory_format=torch.channels_last)
         if audio:
             a = objective_cfg.audio
             dims = attribute_dims(a.n_mfcc, a.n_mels)
@@ -68,6 +71,7 @@ class AVSSLModel(nn.Module):
         emb = self.audio_encoder(wave)
         out: dict[str, Any] = {"emb": emb}
         if self.frame_decoder is not None and still is not None:
+            still = still.contiguous(memory_format=torch.channels_last)
             code, skips = self.identity_encoder(still)
             out["generated"] = self.frame_decoder(emb[clip_of, frame_of], code, skips, clip_of, still)
         if self.attribute_heads is not None:
@@ -103,3 +107,27 @@ def load_encoder(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     encoder = build_audio_encoder(cfg)
     encoder.load_state_dict(payload["state_dict"])
     return encoder, payload.get("extra", {})
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(module: nn.Module, waves: "list[torch.Tensor]", device: Optional[torch.device] = None) -> int:
+    """Recompute BatchNorm running statistics with the current weights ("precise BN").
+
+    Running averages lag the weights while they change fast; an encoder used frozen after a short
+    pretraining would otherwise see statistics from earlier weights. Returns the layers updated.
+    """
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or not waves:
+        return 0
+    was_training = module.training
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the passes below
+    module.train()
+    for wave in waves:
+        module(wave.to(device) if device is not None else wave)
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
+    module.train(was_training)
+    return len(bns)

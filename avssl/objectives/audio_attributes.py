@@ -41,10 +41,20 @@ def fit_target_stats(model: torch.nn.Module, waves: Iterable[torch.Tensor], cfg:
         std.copy_(x.std(0).clamp_min(1e-3))
 
 
+def add_targets(batch: dict[str, torch.Tensor], cfg: AudioObjectiveConfig) -> dict[str, torch.Tensor]:
+    """Compute the pretext targets ahead of the step (the loader calls this in its prefetch thread)."""
+    with torch.no_grad():
+        targets = attribute_targets(batch["wave"].float(), cfg.n_mfcc, cfg.n_mels)
+    return {**batch, **{f"target/{k}": v for k, v in targets.items()}}
+
+
 def audio_loss(outputs: dict[str, Any], batch: dict[str, torch.Tensor], model: torch.nn.Module, cfg: AudioObjectiveConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     wave = batch["wave"]
-    with torch.no_grad(), torch.autocast(wave.device.type, enabled=False):
-        targets = attribute_targets(wave.float(), cfg.n_mfcc, cfg.n_mels)
+    if "target/mfcc" in batch:
+        targets = {k[len("target/") :]: v for k, v in batch.items() if k.startswith("target/")}
+    else:
+        with torch.no_grad(), torch.autocast(wave.device.type, enabled=False):
+            targets = attribute_targets(wave.float(), cfg.n_mfcc, cfg.n_mels)
     preds = outputs["attributes"]
     mask = length_mask(batch["lengths"], wave.shape[1] // HOP)
     voiced = targets["voicing"]

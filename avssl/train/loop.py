@@ -13,6 +13,7 @@ import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,9 +24,9 @@ from avssl.config.loader import config_from_dict
 from avssl.config.schema import Config
 from avssl.data.corpus import Corpus
 from avssl.data.loader import RankStream, iterate_rows, rows_for_pretraining
-from avssl.models import AVSSLModel, save_encoder
+from avssl.models import AVSSLModel, recalibrate_batchnorm, save_encoder
 from avssl.objectives import build_objective
-from avssl.objectives.audio_attributes import fit_target_stats
+from avssl.objectives.audio_attributes import add_targets, fit_target_stats
 
 STATE_FILE = "state.pt"
 ENCODER_FILE = "encoder.pt"
@@ -173,6 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         corpus, rows, cfg.data.batch_size, rank, world, cfg.seed,
         crop_frames=cfg.data.clip_frames, still=cfg.data.still_frame,
         with_video=objective.visual, prefetch=cfg.data.prefetch_batches,
+        transform=partial(add_targets, cfg=cfg.objective.audio) if objective.audio else None,
     )
     torch.manual_seed(cfg.seed)
     model = AVSSLModel(cfg.model, cfg.objective, corpus.frame_size, objective.visual, objective.audio)
@@ -325,6 +327,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report(metrics, with_checkpoint=True)
 
     if rank == 0:
+        calib = [b["wave"] for _, b in iterate_rows(corpus, rows_for_pretraining(corpus, 1.0, cfg.seed, max_clips=256), 32)]
+        recalibrate_batchnorm(raw.audio_encoder, calib, device)
         out = Path(tempfile.mkdtemp(prefix="avssl-encoder-")) / ENCODER_FILE
         save_encoder(raw.audio_encoder, cfg.model.audio_encoder, out, extra={"step": state.step, "objective": cfg.objective.name, "run_name": cfg.run_name})
         if config.get("encoder_dir"):

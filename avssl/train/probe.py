@@ -49,8 +49,15 @@ class QuickProbe:
         self.val_batches = [b for _, b in iterate_rows(corpus, val, batch_size)]
 
     def __call__(self, encoder: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+        """Scores a copy of the encoder with recomputed BatchNorm statistics (as it will be saved)."""
         if not self.available:
             return {}
+        import copy
+
+        from avssl.models import recalibrate_batchnorm
+
+        encoder = copy.deepcopy(encoder)
+        recalibrate_batchnorm(encoder, [b["wave"] for b in self.train_batches[:8]], device)
         from sklearn.linear_model import LogisticRegression, Ridge
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler

@@ -135,3 +135,44 @@ def pretrain_command(cfg: Config) -> int:
     print(f"  checkpoint: {r.checkpoint_path}")
     print(f"  results: {mlflow_ui_hint(r.tracking_uri)}")
     return 0
+
+
+def _pretrain_remote(cfg_tree: dict[str, Any]) -> PretrainResult:
+    from avssl.config.loader import config_from_dict
+
+    return pretrain(config_from_dict(cfg_tree))
+
+
+def pretrain_many(cfgs: list[Config], on_done=None) -> list[PretrainResult]:
+    """Several pretrainings at once, as many as the cluster's CPUs hold (each `TorchTrainer` is
+    driven from a zero-CPU Ray task, the way Tune drives trials). Results keep the input order."""
+    import ray
+
+    if len(cfgs) <= 1:
+        return [pretrain(c) for c in cfgs]
+    first = cfgs[0].train
+    ensure_ray(first.ray_address)
+    for c in cfgs:
+        check_resources(c.train.num_workers, c.train.cpus_per_worker, c.train.use_gpu, c.train.gpus_per_worker, c.train.elastic_min_workers)
+    per_run = max(c.train.num_workers * c.train.cpus_per_worker for c in cfgs)
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // per_run))
+    drive = ray.remote(num_cpus=0, max_retries=0)(_pretrain_remote)
+    results: list[Optional[PretrainResult]] = [None] * len(cfgs)
+    queue = list(enumerate(cfgs))
+    running: dict[Any, int] = {}
+    while queue or running:
+        while queue and len(running) < slots:
+            i, c = queue.pop(0)
+            running[drive.remote(c.model_dump(mode="json"))] = i
+        done, _ = ray.wait(list(running), num_returns=1)
+        i = running.pop(done[0])
+        try:
+            results[i] = ray.get(done[0])
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            if isinstance(cause, AvsslError):
+                raise cause from None
+            raise AvsslError(f"pretraining '{cfgs[i].run_name}' failed: {cause}") from None
+        if on_done:
+            on_done(results[i])
+    return [r for r in results if r is not None]

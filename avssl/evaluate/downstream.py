@@ -1,0 +1,278 @@
+"""Training and testing one downstream head (one method x task x seed).
+
+Frozen sources (hand features, frozen pretrained encoders) are computed once per split and noise
+condition and cached; trainable ones (scratch, fine-tuned) run end to end with the head. Early
+stopping keeps the epoch with the best validation score; test metrics are computed once, with that
+state, on every requested condition.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from avssl.config.schema import EvaluateConfig
+from avssl.data.corpus import Corpus
+from avssl.data.loader import collate
+from avssl.evaluate.metrics import confusion_matrix
+from avssl.evaluate.noise import Condition, condition_name, mix
+from avssl.evaluate.sources import FeatureSource
+from avssl.evaluate.tasks.base import Task
+from avssl.models.heads import DownstreamHead, length_mask
+
+CLEAN: Condition = ("clean", None)
+
+
+@dataclass
+class SplitData:
+    rows: list[dict[str, Any]]
+    waves: list[np.ndarray]
+    targets: np.ndarray  # [N] class ids or [N, K] values
+    frame_targets: Optional[list[np.ndarray]] = None  # per clip [T, K] (continuous affect)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, idx: np.ndarray) -> "SplitData":
+        ft = [self.frame_targets[i] for i in idx] if self.frame_targets is not None else None
+        return SplitData([self.rows[i] for i in idx], [self.waves[i] for i in idx], self.targets[idx], ft)
+
+
+@dataclass
+class TaskData:
+    task: Task
+    train: SplitData
+    val: SplitData
+    test: SplitData
+    babble_pool: Optional[torch.Tensor] = None
+    cache: dict[tuple[str, str, str], list[torch.Tensor]] = field(default_factory=dict)
+
+
+def load_task_data(corpus: Corpus, task: Task, max_clips: int = 0, seed: int = 0) -> TaskData:
+    """Every labelled clip of the three splits, decoded once into memory."""
+
+    def split(name: str) -> SplitData:
+        rows = corpus.select(name, require=task.labels, max_clips=max_clips, seed=seed)
+        if not rows:
+            from avssl.errors import DataError
+
+            raise DataError(f"corpus {corpus.root} has no '{name}' clips labelled with {', '.join(task.labels)} for task '{task.name}'")
+        clips = [corpus.load(r) for r in rows]
+        targets = np.array([task.target(r) for r in rows])
+        frame_targets = None
+        if task.kind == "regression" and all(all(k in c.frame_labels for k in task.labels) for c in clips):
+            frame_targets = [np.stack([c.frame_labels[k] for k in task.labels], 1) for c in clips]
+        return SplitData(rows, [c.audio for c in clips], targets, frame_targets)
+
+    data = TaskData(task, split("train"), split("val"), split("test"))
+    n = min(len(data.test), 64)
+    longest = max(len(w) for w in data.test.waves[:n])
+    data.babble_pool = torch.from_numpy(np.stack([np.pad(w, (0, longest - len(w))) for w in data.test.waves[:n]]))
+    return data
+
+
+def fraction_of(split: SplitData, fraction: float, seed: int) -> SplitData:
+    """A seeded subset of the labelled clips, the same fraction from every speaker."""
+    if fraction >= 1.0:
+        return split
+    rng = np.random.default_rng([seed, 5])
+    by_spk: dict[str, list[int]] = {}
+    for i, r in enumerate(split.rows):
+        by_spk.setdefault(r["speaker"], []).append(i)
+    keep: list[int] = []
+    for spk in sorted(by_spk):
+        idx = by_spk[spk]
+        keep += list(rng.permutation(idx)[: max(1, int(round(len(idx) * fraction)))])
+    return split.subset(np.array(sorted(keep)))
+
+
+def _batch_waves(split: SplitData, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    from avssl.data.corpus import Clip
+
+    clips = [Clip(str(i), "x", "x", split.waves[i]) for i in idx]
+    return collate(clips, 0, np.random.default_rng(0), with_video=False)
+
+
+@dataclass
+class HeadResult:
+    curves: dict[str, list[float]]
+    best_epoch: int
+    val: dict[str, float]
+    test: dict[str, dict[str, float]]
+    confusion: Optional[np.ndarray]
+    seconds: float
+
+
+class HeadTrainer:
+    def __init__(self, source: FeatureSource, data: TaskData, cfg: EvaluateConfig, device: Optional[torch.device] = None):
+        self.source, self.data, self.cfg = source, data, cfg
+        self.task = data.task
+        self.device = device or torch.device("cpu")
+        self._norm: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def feature_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean/std of frozen features over the clean training clips: a frozen
+        encoder's scale is arbitrary, and the head should not have to learn it."""
+        if self._norm is None:
+            frames = torch.cat(self.frozen_features("train", self.data.train, CLEAN, 0))
+            self._norm = (frames.mean(0), frames.std(0).clamp_min(1e-5))
+        return self._norm
+
+    # -- features ---------------------------------------------------------------------------
+    def _noisy(self, batch: dict[str, torch.Tensor], cond: Condition, gen: torch.Generator) -> torch.Tensor:
+        return mix(batch["wave"], cond, gen, self.data.babble_pool)
+
+    @torch.no_grad()
+    def frozen_features(self, split_name: str, split: SplitData, cond: Condition, noise_seed: int) -> list[torch.Tensor]:
+        """[T, D] per clip, computed once per (split, condition) and cached."""
+        key = self._cache_key(split, cond, noise_seed)
+        if key in self.data.cache:
+            return self.data.cache[key]
+        module = self.source.module.to(self.device).eval()
+        gen = torch.Generator().manual_seed(noise_seed)
+        out: list[torch.Tensor] = []
+        bs = 32
+        for i in range(0, len(split), bs):
+            idx = np.arange(i, min(i + bs, len(split)))
+            batch = _batch_waves(split, idx)
+            feats = module(self._noisy(batch, cond, gen).to(self.device)).float().cpu()
+            out += [feats[j, : int(batch["lengths"][j])] for j in range(len(idx))]
+        self.data.cache[key] = out
+        return out
+
+    def _cache_key(self, split: SplitData, cond: Condition, noise_seed: int) -> tuple[str, str, str]:
+        clips = hash(tuple(r["clip_id"] for r in split.rows))
+        return (f"{self.source.name}:{id(self.source.module)}", condition_name(cond), f"{noise_seed}:{clips}")
+
+    def _targets(self, split: SplitData, idx: np.ndarray) -> torch.Tensor:
+        y = torch.as_tensor(split.targets[idx])
+        return y.long() if self.task.kind == "classification" else y.float()
+
+    def _frame_targets(self, split: SplitData, idx: np.ndarray, t: int) -> Optional[torch.Tensor]:
+        if split.frame_targets is None:
+            return None
+        out = torch.zeros(len(idx), t, len(self.task.labels))
+        for j, i in enumerate(idx):
+            ft = torch.from_numpy(split.frame_targets[i][:t])
+            out[j, : len(ft)] = ft
+        return out
+
+    # -- one pass -----------------------------------------------------------------------------
+    def _forward(self, encoder, head, split: SplitData, idx: np.ndarray, feats: Optional[list[torch.Tensor]], cond: Condition, gen: torch.Generator):
+        if feats is not None:
+            mean, std = self.feature_norm()
+            seq = [(feats[i] - mean) / std for i in idx]
+            lengths = torch.tensor([len(x) for x in seq])
+            x = torch.nn.utils.rnn.pad_sequence(seq, batch_first=True)
+        else:
+            batch = _batch_waves(split, idx)
+            x = encoder(self._noisy(batch, cond, gen).to(self.device))
+            lengths = batch["lengths"]
+        x, lengths = x.to(self.device), lengths.to(self.device)
+        clip, frames = head(x, lengths, per_frame=split.frame_targets is not None)
+        return clip, frames, lengths
+
+    def _loss(self, clip, frames, lengths, split: SplitData, idx: np.ndarray) -> torch.Tensor:
+        y = self._targets(split, idx).to(self.device)
+        if self.task.kind == "classification":
+            return torch.nn.functional.cross_entropy(clip, y)
+        loss = torch.nn.functional.mse_loss(clip, y)
+        if frames is not None:
+            ft = self._frame_targets(split, idx, frames.shape[1]).to(self.device)
+            m = length_mask(lengths, frames.shape[1]).unsqueeze(-1).float()
+            loss = loss + ((frames - ft) ** 2 * m).sum() / (m.sum() * ft.shape[-1]).clamp_min(1)
+        return loss
+
+    @torch.no_grad()
+    def predict(self, encoder, head, split_name: str, split: SplitData, cond: Condition, noise_seed: int) -> tuple[np.ndarray, Optional[tuple[list, list]]]:
+        head.eval()
+        if encoder is not None:
+            encoder.eval()
+        feats = None if self.source.trainable else self.frozen_features(split_name, split, cond, noise_seed)
+        gen = torch.Generator().manual_seed(noise_seed)
+        preds, ft_true, ft_pred = [], [], []
+        for i in range(0, len(split), self.cfg.batch_size):
+            idx = np.arange(i, min(i + self.cfg.batch_size, len(split)))
+            clip, frames, lengths = self._forward(encoder, head, split, idx, feats, cond, gen)
+            preds.append(clip.float().cpu().numpy())
+            if frames is not None:
+                for j, k in enumerate(idx):
+                    n = int(lengths[j])
+                    ft_true.append(split.frame_targets[k][:n])
+                    ft_pred.append(frames[j, :n].float().cpu().numpy())
+        head.train()
+        if encoder is not None:
+            encoder.train()
+        return np.concatenate(preds), ((ft_true, ft_pred) if ft_true else None)
+
+    def score(self, encoder, head, split_name: str, split: SplitData, cond: Condition, noise_seed: int) -> tuple[dict[str, float], np.ndarray]:
+        pred, frames = self.predict(encoder, head, split_name, split, cond, noise_seed)
+        return self.task.score(split.targets, pred, frames), pred
+
+    # -- training -----------------------------------------------------------------------------
+    def fit(self, seed: int, train: Optional[SplitData] = None, test_conditions: tuple[Condition, ...] = (CLEAN,), train_conditions: tuple[Condition, ...] = ()) -> HeadResult:
+        """Train one head; with `train_conditions`, each epoch's audio gets the next noise condition."""
+        t0 = time.perf_counter()
+        train = train or self.data.train
+        torch.manual_seed(seed)
+        encoder = self.source.for_seed(seed).to(self.device) if self.source.trainable else None
+        head = DownstreamHead(self.cfg.head, self.source.dim, self.task.out_dim, self.cfg.hidden).to(self.device)
+        params = list(head.parameters()) + (list(encoder.parameters()) if encoder is not None else [])
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=1e-3)
+        rng = np.random.default_rng([seed, 17])
+        curves: dict[str, list[float]] = {"train_loss": [], "train_score": [], "val_score": []}
+        best = (-np.inf, 0, None)
+        bad_epochs = 0
+        primary = self.task.primary
+        for epoch in range(self.cfg.epochs):
+            train_cond = train_conditions[epoch % len(train_conditions)] if train_conditions else CLEAN
+            noisy_training = train_cond != CLEAN
+            gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+            feats = None
+            if encoder is None:  # frozen: fresh noise each epoch when training with noise
+                feats = self.frozen_features("train", train, train_cond, seed * 1000 + epoch if noisy_training else 0)
+            order = rng.permutation(len(train))
+            losses, preds = [], np.zeros((len(train), self.task.out_dim), np.float32)
+            for i in range(0, len(train), self.cfg.batch_size):
+                idx = order[i : i + self.cfg.batch_size]
+                clip, frames, lengths = self._forward(encoder, head, train, idx, feats, train_cond, gen)
+                loss = self._loss(clip, frames, lengths, train, idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 5.0)
+                opt.step()
+                losses.append(float(loss.detach()))
+                preds[idx] = clip.detach().float().cpu().numpy()
+            if noisy_training and encoder is None:  # one-off noisy features: do not keep them
+                self.data.cache.pop(self._cache_key(train, train_cond, seed * 1000 + epoch), None)
+            train_score = self.task.score(train.targets, preds)[primary]
+            val_metrics, _ = self.score(encoder, head, "val", self.data.val, CLEAN, 0)
+            curves["train_loss"].append(float(np.mean(losses)))
+            curves["train_score"].append(float(train_score))
+            curves["val_score"].append(float(val_metrics[primary]))
+            if val_metrics[primary] > best[0]:
+                state = {"head": copy.deepcopy(head.state_dict()), "encoder": copy.deepcopy(encoder.state_dict()) if encoder is not None else None}
+                best = (val_metrics[primary], epoch, state)
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+                if bad_epochs >= self.cfg.patience:
+                    break
+        _, best_epoch, state = best
+        head.load_state_dict(state["head"])
+        if encoder is not None:
+            encoder.load_state_dict(state["encoder"])
+        val_metrics, _ = self.score(encoder, head, "val", self.data.val, CLEAN, 0)
+        tests: dict[str, dict[str, float]] = {}
+        confusion = None
+        for k, cond in enumerate(test_conditions):
+            metrics, pred = self.score(encoder, head, "test", self.data.test, cond, 10_000 + k)
+            tests[condition_name(cond)] = metrics
+            if cond == CLEAN and self.task.kind == "classification":
+                confusion = confusion_matrix(self.data.test.targets, pred.argmax(-1), len(self.task.classes))
+        return HeadResult(curves, best_epoch + 1, val_metrics, tests, confusion, time.perf_counter() - t0)

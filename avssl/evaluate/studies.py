@@ -1,0 +1,169 @@
+"""The paper's studies, each one MLflow parent run with a child run per method (and fraction):
+
+- noise: the same heads tested with white and babble noise at several SNRs (optionally trained
+  with noise too); a figure of the metric vs SNR per method.
+- datasize: heads trained on fractions of the labelled data; train/validation curves, the
+  overfitting gap (best train score minus best validation score) and how early validation peaks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from avssl.config.loader import flatten
+from avssl.config.schema import Config
+from avssl.data.corpus import Corpus
+from avssl.evaluate.downstream import CLEAN
+from avssl.evaluate.noise import Condition, condition_name, parse_snr
+from avssl.evaluate.runner import EvalJob, EvalSummary, TaskDataCache, mean_std, run_jobs
+from avssl.evaluate.sources import resolve_source
+from avssl.evaluate.tasks import TASKS
+from avssl.tracking import Tracker, mlflow_ui_hint
+
+
+def noise_conditions(cfg: Config) -> list[Condition]:
+    snrs = [parse_snr(s) for s in cfg.study.noise.snrs]
+    out: list[Condition] = [CLEAN] if None in snrs else []
+    out += [(kind, snr) for kind in cfg.study.noise.types for snr in snrs if snr is not None]
+    return out
+
+
+def _start_study(tracker: Tracker, cfg: Config, study: str, corpus: Corpus, parent_run_id: Optional[str]) -> str:
+    tags = {"avssl.kind": "study", "avssl.study": study, "avssl.task": cfg.study.task, "avssl.corpus": corpus.name}
+    params = {f"study.{k}": v for k, v in flatten(cfg.study.model_dump(mode="json")).items()}
+    params.update({f"evaluate.{k}": v for k, v in flatten(cfg.evaluate.model_dump(mode="json")).items()})
+    return tracker.start_run(f"study-{study}-{cfg.study.task}", tags, params, parent_id=parent_run_id)
+
+
+def noise_study(cfg: Config, tracker: Tracker, cache: Optional[TaskDataCache] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
+    from avssl.figures import errorbar_lines
+
+    corpus = cache.corpus if cache else Corpus(cfg.data.corpus)
+    cache = cache or TaskDataCache(corpus)
+    task = cfg.study.task
+    primary = TASKS.get(task).primary
+    conditions = noise_conditions(cfg)
+    train_conditions = tuple(c for c in conditions if c != CLEAN) if cfg.study.noise.train_with_noise else ()
+    study_id = _start_study(tracker, cfg, "noise", corpus, parent_run_id)
+    table: dict[str, dict[str, tuple[float, float]]] = {}
+    try:
+        sources = [resolve_source(spec, cfg, tracker, cfg.seed) for spec in cfg.study.methods]
+        jobs = [
+            EvalJob(
+                source, task, test_conditions=tuple(conditions), train_conditions=train_conditions, parent_run_id=study_id,
+                extra_tags={"avssl.study": "noise", "avssl.study_run_id": study_id, "avssl.train_with_noise": str(bool(train_conditions)).lower()},
+                run_name=f"noise-{source.name}",
+            )
+            for source in sources
+        ]
+        print(f"noise study on {task}: {', '.join(s.name for s in sources)} x {len(conditions)} conditions", flush=True)
+        for s in run_jobs(jobs, cfg, tracker, cache, on_done=lambda s: print(f"  done: {s.method}", flush=True)):
+            row = {}
+            for cond in conditions:
+                name = condition_name(cond)
+                prefix = "test/" if cond == CLEAN else f"noise/{name}/"
+                row[name] = (s.metrics[f"{prefix}{primary}_mean"], s.metrics[f"{prefix}{primary}_std"])
+            table[s.method] = row
+        snrs = [s for s in cfg.study.noise.snrs]
+        for kind in cfg.study.noise.types:
+            names = [condition_name(CLEAN if parse_snr(s) is None else (kind, parse_snr(s))) for s in snrs]
+            series = {m: ([row[n][0] for n in names], [row[n][1] for n in names]) for m, row in table.items()}
+            fig = errorbar_lines([str(s) for s in snrs], series, "SNR (dB)", f"test {primary}", f"{task} with {kind} noise")
+            tracker.log_figure(study_id, fig, f"noise_{kind}.png")
+        tracker.log_text(study_id, format_noise_table(table, primary), "noise_table.md")
+        tracker.end_run(study_id, "FINISHED")
+    except BaseException:
+        tracker.end_run(study_id, "FAILED")
+        raise
+    return {"run_id": study_id, "table": table, "metric": primary}
+
+
+def overfitting(summary: EvalSummary) -> dict[str, float]:
+    gaps, peaks, lengths = [], [], []
+    for r in summary.results:
+        gaps.append(max(r.curves["train_score"]) - max(r.curves["val_score"]))
+        peaks.append(int(np.argmax(r.curves["val_score"])) + 1)
+        lengths.append(len(r.curves["val_score"]))
+    g, gs = mean_std(gaps)
+    p, ps = mean_std(peaks)
+    return {"overfit/gap_mean": g, "overfit/gap_std": gs, "overfit/val_peak_epoch_mean": p, "overfit/val_peak_epoch_std": ps, "overfit/epochs_run_mean": float(np.mean(lengths))}
+
+
+def datasize_study(cfg: Config, tracker: Tracker, cache: Optional[TaskDataCache] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
+    from avssl.figures import curves, errorbar_lines
+
+    corpus = cache.corpus if cache else Corpus(cfg.data.corpus)
+    cache = cache or TaskDataCache(corpus)
+    task = cfg.study.task
+    primary = TASKS.get(task).primary
+    fractions = cfg.study.datasize.fractions
+    study_id = _start_study(tracker, cfg, "datasize", corpus, parent_run_id)
+    table: dict[str, dict[float, dict[str, Any]]] = {}
+    try:
+        sources = [resolve_source(spec, cfg, tracker, cfg.seed) for spec in cfg.study.methods]
+        jobs = [
+            EvalJob(
+                source, task, label_fraction=fraction, parent_run_id=study_id,
+                extra_tags={"avssl.study": "datasize", "avssl.study_run_id": study_id},
+                run_name=f"datasize-{source.name}-{fraction:g}",
+            )
+            for source in sources
+            for fraction in fractions
+        ]
+        print(f"datasize study on {task}: {', '.join(s.name for s in sources)} x fractions {fractions}", flush=True)
+        summaries = run_jobs(jobs, cfg, tracker, cache, on_done=lambda s: print(f"  done: {s.method} ({s.run_id[:8]})", flush=True))
+        for job, s in zip(jobs, summaries):
+            fraction = job.label_fraction
+            of = overfitting(s)
+            tracker.log_metrics(s.run_id, of)
+            table.setdefault(s.method, {})[fraction] = {
+                "mean": s.metrics[f"test/{primary}_mean"], "std": s.metrics[f"test/{primary}_std"], **of,
+                "train_curve": s.results[0].curves["train_score"], "val_curve": s.results[0].curves["val_score"],
+            }
+        series = {m: ([row[f]["mean"] for f in fractions], [row[f]["std"] for f in fractions]) for m, row in table.items()}
+        labels = [f"{100 * f:g}%" for f in fractions]
+        tracker.log_figure(study_id, errorbar_lines(labels, series, "labelled training data", f"test {primary}", f"{task}: data fraction"), "datasize_metric.png")
+        gaps = {m: ([row[f]["overfit/gap_mean"] for f in fractions], [row[f]["overfit/gap_std"] for f in fractions]) for m, row in table.items()}
+        tracker.log_figure(study_id, errorbar_lines(labels, gaps, "labelled training data", "best train - best val", "overfitting gap"), "datasize_gap.png")
+        smallest = fractions[0]
+        lc = {}
+        for m, row in table.items():
+            lc[f"{m} train"] = row[smallest]["train_curve"]
+            lc[f"{m} val"] = row[smallest]["val_curve"]
+        tracker.log_figure(study_id, curves(lc, "epoch", primary, f"learning curves at {100 * smallest:g}% of the labels (seed {cfg.evaluate.seeds[0]})"), "datasize_curves_smallest.png")
+        tracker.log_text(study_id, format_datasize_table(table, fractions, primary), "datasize_table.md")
+        tracker.end_run(study_id, "FINISHED")
+    except BaseException:
+        tracker.end_run(study_id, "FAILED")
+        raise
+    return {"run_id": study_id, "table": table, "metric": primary, "fractions": fractions}
+
+
+def format_noise_table(table: dict[str, dict[str, tuple[float, float]]], metric: str) -> str:
+    conds = list(next(iter(table.values())).keys()) if table else []
+    lines = [f"| method | {' | '.join(conds)} |", "|---" * (len(conds) + 1) + "|"]
+    for m, row in table.items():
+        lines.append(f"| {m} | " + " | ".join(f"{row[c][0]:.3f} ± {row[c][1]:.3f}" for c in conds) + " |")
+    return f"test {metric}\n\n" + "\n".join(lines) + "\n"
+
+
+def format_datasize_table(table: dict[str, dict[float, dict[str, Any]]], fractions: list[float], metric: str) -> str:
+    lines = ["| method | " + " | ".join(f"{100 * f:g}%" for f in fractions) + " |", "|---" * (len(fractions) + 1) + "|"]
+    for m, row in table.items():
+        cells = [f"{row[f]['mean']:.3f} ± {row[f]['std']:.3f} (gap {row[f]['overfit/gap_mean']:.2f}, val peak ep {row[f]['overfit/val_peak_epoch_mean']:.0f})" for f in fractions]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return f"test {metric} (overfitting gap = best train - best val score)\n\n" + "\n".join(lines) + "\n"
+
+
+def study_command(cfg: Config, study: str) -> int:
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)
+    if study == "noise":
+        out = noise_study(cfg, tracker)
+        print("\n" + format_noise_table(out["table"], out["metric"]))
+    else:
+        out = datasize_study(cfg, tracker)
+        print("\n" + format_datasize_table(out["table"], out["fractions"], out["metric"]))
+    print(f"study run: {out['run_id']}\n  results: {mlflow_ui_hint(tracker.uri)}")
+    return 0

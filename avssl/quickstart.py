@@ -1,0 +1,109 @@
+"""`avssl quickstart`: the whole pipeline on the synthetic corpus, end to end.
+
+synth -> pretrain three encoders (visual, audio, av) with Ray Train -> evaluate them and the
+baselines (scratch, MFCC) on emotion, word and affect; the emotion heads also face white and babble
+noise (the noise study) -> dataset-size study -> a small loss-weight search with Ray Tune -> the
+report, read back from MLflow. Rerunning reuses the corpus and the finished pretrainings.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from avssl.config.schema import Config
+from avssl.tracking import Tracker, mlflow_ui_hint
+
+OBJECTIVES = ("visual", "audio", "av")
+
+
+def _corpus_matches(cfg: Config) -> bool:
+    meta = Path(cfg.synth.out) / "corpus.json"
+    if not meta.is_file():
+        return False
+    gen = json.loads(meta.read_text()).get("generator", {})
+    wanted = {"seed": cfg.seed, **cfg.synth.model_dump(mode="json")}
+    return all(gen.get(k) == v for k, v in wanted.items() if k not in ("workers", "baseline", "out"))
+
+
+def _step(title: str) -> float:
+    print(f"\n=== {title} ===", flush=True)
+    return time.perf_counter()
+
+
+def quickstart_command(cfg: Config, skip_tune: bool = False) -> int:
+    from avssl.data.corpus import Corpus
+    from avssl.data.pipeline import synth_command
+    from avssl.evaluate.report import build_report
+    from avssl.evaluate.runner import EvalJob, TaskDataCache, format_row, run_jobs
+    from avssl.evaluate.sources import resolve_source
+    from avssl.evaluate.studies import datasize_study, noise_study
+    from avssl.train.trainer import pretrain_many
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"corpus": cfg.synth.out})})
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)
+
+    t = _step("1/6 synthetic corpus")
+    if _corpus_matches(cfg):
+        print(f"reusing {cfg.synth.out} (same generator settings)")
+    else:
+        synth_command(cfg, overwrite=True)
+    timings["synth"] = time.perf_counter() - t
+
+    t = _step("2/6 pretraining: visual, audio and audio-visual objectives (Ray Train, run side by side)")
+    run_cfgs = [
+        cfg.model_copy(update={"run_name": f"{cfg.preset}-{objective}", "objective": cfg.objective.model_copy(update={"name": objective})})
+        for objective in OBJECTIVES
+    ]
+
+    def done(r: Any) -> None:
+        print(f"  {r.run_name}: {r.metrics.get('step')} steps, val loss {r.metrics.get('val/loss', float('nan')):.4f}, "
+              f"probe UAR {r.metrics.get('probe/val_uar', float('nan')):.3f}, {r.seconds:.0f} s, run {r.run_id}", flush=True)
+
+    encoders = dict(zip(OBJECTIVES, pretrain_many(run_cfgs, on_done=done)))
+    timings["pretrain"] = time.perf_counter() - t
+
+    methods = [encoders[o].run_id for o in OBJECTIVES] + ["scratch", "mfcc"]
+    cache = TaskDataCache(Corpus(cfg.data.corpus))
+
+    t = _step("3/6 evaluation: emotion (with the noise study), word, affect")
+    study = cfg.study.model_copy(update={"methods": methods, "task": "emotion"})
+    noise = noise_study(cfg.model_copy(update={"study": study}), tracker, cache)
+    other_tasks = [task for task in cfg.evaluate.tasks if task != "emotion"]
+    sources = [resolve_source(m, cfg, tracker, cfg.seed) for m in methods]
+    jobs = [EvalJob(source, task) for task in other_tasks for source in sources]
+    for s in run_jobs(jobs, cfg, tracker, cache):
+        print(format_row(s))
+    timings["evaluate"] = time.perf_counter() - t
+
+    t = _step("4/6 dataset-size study: pretrained (av) vs scratch vs MFCC on fractions of the labels")
+    size_study = cfg.study.model_copy(update={"methods": [encoders["av"].run_id, "scratch", "mfcc"], "task": "emotion"})
+    datasize_study(cfg.model_copy(update={"study": size_study}), tracker, cache)
+    timings["datasize"] = time.perf_counter() - t
+
+    search_run = None
+    if not skip_tune:
+        t = _step("5/6 loss-weight search (Ray Tune, tune_spaces/quick.yaml)")
+        from avssl.tune.driver import run_quick_search
+
+        search_run = run_quick_search(cfg)
+        timings["tune"] = time.perf_counter() - t
+    else:
+        _step("5/6 loss-weight search: skipped (--skip-tune)")
+
+    t = _step("6/6 report (from MLflow)")
+    report_cfg = cfg.model_copy(update={"report": cfg.report.model_copy(update={"search_run": search_run})})
+    r = build_report(report_cfg, tracker)
+    timings["report"] = time.perf_counter() - t
+    for section in r["sections"]:
+        print(section)
+    total = time.perf_counter() - t_start
+    print(f"quickstart finished in {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
+    print(f"report: {r['out']}/report.md ({len(r['figures'])} figures)")
+    print(f"noise study run {noise['run_id']}; pretraining runs: {', '.join(f'{o} {encoders[o].run_id}' for o in OBJECTIVES)}")
+    print(f"browse everything: {mlflow_ui_hint(tracker.uri)}")
+    return 0

@@ -1,0 +1,67 @@
+"""Downstream evaluation, studies and the report, on the tiny corpus with a real MLflow store."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from avssl.evaluate.report import build_report
+from avssl.evaluate.runner import TaskDataCache, evaluate_source
+from avssl.evaluate.sources import resolve_source
+from avssl.evaluate.studies import datasize_study, noise_study
+from avssl.tracking import Tracker
+from tests.conftest import tiny_cfg
+
+
+@pytest.fixture
+def setup(workdir, synth_corpus):
+    cfg = tiny_cfg(workdir, synth_corpus, "evaluate.seeds=[0,1]", "evaluate.epochs=3")
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    from avssl.data.corpus import Corpus
+
+    return cfg, tracker, TaskDataCache(Corpus(synth_corpus))
+
+
+@pytest.mark.parametrize("task", ["emotion", "word", "affect"])
+def test_each_task_is_one_mlflow_run_with_seeds(setup, task):
+    cfg, tracker, cache = setup
+    s = evaluate_source(resolve_source("mfcc", cfg), task, cfg, tracker, cache)
+    run = MlflowClient(tracker.uri).get_run(s.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["avssl.task"] == task
+    primary = {"emotion": "uar", "word": "accuracy", "affect": "ccc"}[task]
+    assert f"test/{primary}_mean" in run.data.metrics and f"test/{primary}_std" in run.data.metrics
+    assert len(MlflowClient(tracker.uri).get_metric_history(s.run_id, "seed1/val_score")) >= 1
+    arts = {a.path for a in MlflowClient(tracker.uri).list_artifacts(s.run_id)}
+    assert "curves.png" in arts and (("confusion.png" in arts) == (task != "affect"))
+    if task == "affect":
+        assert "test/ccc_arousal_frames_mean" in run.data.metrics  # per-frame sequences scored too
+
+
+def test_scratch_trains_the_encoder_and_frozen_sources_do_not(setup):
+    cfg, tracker, cache = setup
+    scratch = resolve_source("scratch", cfg, seed=0)
+    before = {k: v.clone() for k, v in scratch.module.state_dict().items()}
+    evaluate_source(scratch, "emotion", cfg, tracker, cache)
+    assert all((before[k] == v).all() for k, v in scratch.module.state_dict().items()), "seeds must train copies"
+    assert scratch.trainable and not resolve_source("mfcc", cfg).trainable
+
+
+def test_studies_and_report_read_from_mlflow(setup):
+    cfg, tracker, cache = setup
+    cfg = cfg.model_copy(update={"study": cfg.study.model_copy(update={"methods": ["mfcc", "logmel"]})})
+    cfg.study.noise.snrs = ["clean", 10.0, 0.0]
+    cfg.study.datasize.fractions = [0.5, 1.0]
+    for m in ("mfcc", "logmel"):
+        evaluate_source(resolve_source(m, cfg), "emotion", cfg, tracker, cache)
+    noise = noise_study(cfg, tracker, cache)
+    assert set(noise["table"]["mfcc"]) == {"clean", "white_10dB", "white_0dB", "babble_10dB", "babble_0dB"}
+    size = datasize_study(cfg, tracker, cache)
+    assert set(size["table"]["logmel"]) == {0.5, 1.0}
+    client = MlflowClient(tracker.uri)
+    children = client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{size['run_id']}'")
+    assert len(children) == 4 and all("overfit/gap_mean" in c.data.metrics for c in children)
+    r = build_report(cfg, tracker)
+    out = r["out"]
+    for name in ("methods_x_tasks", "methods_x_snr", "methods_x_fraction"):
+        md = open(f"{out}/{name}.md").read()
+        assert "mfcc" in md and "±" in md
+        assert open(f"{out}/{name}.csv").read().startswith("method,")
+    assert "noise_white.png" in r["figures"] and "datasize_metric.png" in r["figures"] and "methods_x_tasks.png" in r["figures"]
