@@ -37,9 +37,9 @@ def quickstart_command(cfg: Config, skip_tune: bool = False) -> int:
     from avssl.data.corpus import Corpus
     from avssl.data.pipeline import synth_command
     from avssl.evaluate.report import build_report
-    from avssl.evaluate.runner import EvalJob, TaskDataCache, format_row, run_jobs
+    from avssl.evaluate.runner import EvalJob, TaskDataCache, format_row
     from avssl.evaluate.sources import resolve_source
-    from avssl.evaluate.studies import datasize_study, noise_study
+    from avssl.evaluate.studies import plan_datasize_study, plan_noise_study, run_studies
     from avssl.train.trainer import pretrain_many
 
     t_start = time.perf_counter()
@@ -47,14 +47,14 @@ def quickstart_command(cfg: Config, skip_tune: bool = False) -> int:
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"corpus": cfg.synth.out})})
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)
 
-    t = _step("1/6 synthetic corpus")
+    t = _step("1/5 synthetic corpus")
     if _corpus_matches(cfg):
         print(f"reusing {cfg.synth.out} (same generator settings)")
     else:
         synth_command(cfg, overwrite=True)
     timings["synth"] = time.perf_counter() - t
 
-    t = _step("2/6 pretraining: visual, audio and audio-visual objectives (Ray Train, run side by side)")
+    t = _step("2/5 pretraining: visual, audio and audio-visual objectives (Ray Train, run side by side)")
     run_cfgs = [
         cfg.model_copy(update={"run_name": f"{cfg.preset}-{objective}", "objective": cfg.objective.model_copy(update={"name": objective})})
         for objective in OBJECTIVES
@@ -70,32 +70,29 @@ def quickstart_command(cfg: Config, skip_tune: bool = False) -> int:
     methods = [encoders[o].run_id for o in OBJECTIVES] + ["scratch", "mfcc"]
     cache = TaskDataCache(Corpus(cfg.data.corpus))
 
-    t = _step("3/6 evaluation: emotion (with the noise study), word, affect")
-    study = cfg.study.model_copy(update={"methods": methods, "task": "emotion"})
-    noise = noise_study(cfg.model_copy(update={"study": study}), tracker, cache)
-    other_tasks = [task for task in cfg.evaluate.tasks if task != "emotion"]
+    t = _step("3/5 evaluation: emotion (with the noise study), word, affect; dataset-size study")
+    # Every evaluation job goes out in one batch of Ray tasks: the cores stay busy to the end.
+    noise_cfg = cfg.model_copy(update={"study": cfg.study.model_copy(update={"methods": methods, "task": "emotion"})})
+    size_cfg = cfg.model_copy(update={"study": cfg.study.model_copy(update={"methods": [encoders["av"].run_id, "scratch", "mfcc"], "task": "emotion"})})
+    plans = [plan_noise_study(noise_cfg, tracker, cache.corpus), plan_datasize_study(size_cfg, tracker, cache.corpus)]
     sources = [resolve_source(m, cfg, tracker, cfg.seed) for m in methods]
-    jobs = [EvalJob(source, task) for task in other_tasks for source in sources]
-    for s in run_jobs(jobs, cfg, tracker, cache):
+    extra = [EvalJob(source, task) for task in cfg.evaluate.tasks if task != "emotion" for source in sources]
+    (noise, _), others = run_studies(plans, cfg, tracker, cache, extra_jobs=tuple(extra))
+    for s in others:
         print(format_row(s))
     timings["evaluate"] = time.perf_counter() - t
 
-    t = _step("4/6 dataset-size study: pretrained (av) vs scratch vs MFCC on fractions of the labels")
-    size_study = cfg.study.model_copy(update={"methods": [encoders["av"].run_id, "scratch", "mfcc"], "task": "emotion"})
-    datasize_study(cfg.model_copy(update={"study": size_study}), tracker, cache)
-    timings["datasize"] = time.perf_counter() - t
-
     search_run = None
     if not skip_tune:
-        t = _step("5/6 loss-weight search (Ray Tune, tune_spaces/quick.yaml)")
+        t = _step("4/5 loss-weight search (Ray Tune, tune_spaces/quick.yaml)")
         from avssl.tune.driver import run_quick_search
 
         search_run = run_quick_search(cfg)
         timings["tune"] = time.perf_counter() - t
     else:
-        _step("5/6 loss-weight search: skipped (--skip-tune)")
+        _step("4/5 loss-weight search: skipped (--skip-tune)")
 
-    t = _step("6/6 report (from MLflow)")
+    t = _step("5/5 report (from MLflow)")
     report_cfg = cfg.model_copy(update={"report": cfg.report.model_copy(update={"search_run": search_run})})
     r = build_report(report_cfg, tracker)
     timings["report"] = time.perf_counter() - t

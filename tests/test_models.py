@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from avssl.config import load_config
@@ -23,10 +24,17 @@ def test_paper_preset_encoder_matches_reference_sizes():
     assert enc.code[0].out_channels == 256 and enc.gru.num_layers == 2 and enc.gru.hidden_size == 256
 
 
-def test_shared_first_layer_equals_per_window_computation():
-    cfg = load_config("tiny").model.audio_encoder
-    enc = build_audio_encoder(cfg).eval()
-    wave = torch.randn(2, 12 * 640)
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_shared_layers_equal_per_window_computation(preset):
+    cfg = load_config(preset).model.audio_encoder
+    enc = build_audio_encoder(cfg)
+    for m in enc.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    enc.eval()
+    assert enc.n_shared == 3  # 40 first-layer positions per hop = 2^3 x 5
+    wave = torch.randn(2, 12 * 640) * 0.1
     shared = enc.frame_codes(wave)
     enc.shared_first = False
     per_window = enc.frame_codes(wave)

@@ -172,6 +172,7 @@ class TrainConfig(Section):
     checkpoint_every_steps: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every_steps: int = Field(10, ge=1)
+    figure_every_epochs: int = Field(1, ge=0, description="generated-vs-real frames figure every N epochs; 0 = last epoch only")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts; -1 = unlimited")
     storage_path: str = "avssl_runs"
     ray_address: Optional[str] = Field(None, description="Ray cluster address; null = start or join a local runtime")

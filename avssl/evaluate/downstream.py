@@ -158,7 +158,7 @@ class HeadTrainer:
             return None
         out = torch.zeros(len(idx), t, len(self.task.labels))
         for j, i in enumerate(idx):
-            ft = torch.from_numpy(split.frame_targets[i][:t])
+            ft = torch.tensor(split.frame_targets[i][:t])  # arrays from the object store are read-only
             out[j, : len(ft)] = ft
         return out
 

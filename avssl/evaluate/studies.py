@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -37,50 +38,143 @@ def _start_study(tracker: Tracker, cfg: Config, study: str, corpus: Corpus, pare
     return tracker.start_run(f"study-{study}-{cfg.study.task}", tags, params, parent_id=parent_run_id)
 
 
-def noise_study(cfg: Config, tracker: Tracker, cache: Optional[TaskDataCache] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
-    from avssl.figures import errorbar_lines
+@dataclass
+class StudyPlan:
+    """A study's MLflow parent run and the evaluation jobs it needs; `finish` turns their results
+    into tables and figures. Planning apart from running lets several studies share one batch of
+    Ray tasks."""
 
-    corpus = cache.corpus if cache else Corpus(cfg.data.corpus)
-    cache = cache or TaskDataCache(corpus)
-    task = cfg.study.task
-    primary = TASKS.get(task).primary
+    kind: str
+    run_id: str
+    jobs: list[EvalJob]
+    cfg: Config
+    tracker: Tracker
+
+    def finish(self, summaries: list[EvalSummary]) -> dict[str, Any]:
+        try:
+            out = _finish_noise(self, summaries) if self.kind == "noise" else _finish_datasize(self, summaries)
+            self.tracker.end_run(self.run_id, "FINISHED")
+        except BaseException:
+            self.tracker.end_run(self.run_id, "FAILED")
+            raise
+        return {"run_id": self.run_id, **out}
+
+
+def plan_noise_study(cfg: Config, tracker: Tracker, corpus: Corpus, parent_run_id: Optional[str] = None) -> StudyPlan:
     conditions = noise_conditions(cfg)
     train_conditions = tuple(c for c in conditions if c != CLEAN) if cfg.study.noise.train_with_noise else ()
     study_id = _start_study(tracker, cfg, "noise", corpus, parent_run_id)
+    sources = [resolve_source(spec, cfg, tracker, cfg.seed) for spec in cfg.study.methods]
+    jobs = [
+        EvalJob(
+            source, cfg.study.task, test_conditions=tuple(conditions), train_conditions=train_conditions, parent_run_id=study_id,
+            extra_tags={"avssl.study": "noise", "avssl.study_run_id": study_id, "avssl.train_with_noise": str(bool(train_conditions)).lower()},
+            run_name=f"noise-{source.name}",
+        )
+        for source in sources
+    ]
+    print(f"noise study on {cfg.study.task}: {', '.join(s.name for s in sources)} x {len(conditions)} conditions", flush=True)
+    return StudyPlan("noise", study_id, jobs, cfg, tracker)
+
+
+def _finish_noise(plan: StudyPlan, summaries: list[EvalSummary]) -> dict[str, Any]:
+    from avssl.figures import errorbar_lines
+
+    cfg, tracker = plan.cfg, plan.tracker
+    primary = TASKS.get(cfg.study.task).primary
+    conditions = noise_conditions(cfg)
     table: dict[str, dict[str, tuple[float, float]]] = {}
+    for s in summaries:
+        row = {}
+        for cond in conditions:
+            name = condition_name(cond)
+            prefix = "test/" if cond == CLEAN else f"noise/{name}/"
+            row[name] = (s.metrics[f"{prefix}{primary}_mean"], s.metrics[f"{prefix}{primary}_std"])
+        table[s.method] = row
+    snrs = list(cfg.study.noise.snrs)
+    for kind in cfg.study.noise.types:
+        names = [condition_name(CLEAN if parse_snr(x) is None else (kind, parse_snr(x))) for x in snrs]
+        series = {m: ([row[n][0] for n in names], [row[n][1] for n in names]) for m, row in table.items()}
+        fig = errorbar_lines([str(x) for x in snrs], series, "SNR (dB)", f"test {primary}", f"{cfg.study.task} with {kind} noise")
+        tracker.log_figure(plan.run_id, fig, f"noise_{kind}.png")
+    tracker.log_text(plan.run_id, format_noise_table(table, primary), "noise_table.md")
+    return {"table": table, "metric": primary}
+
+
+def plan_datasize_study(cfg: Config, tracker: Tracker, corpus: Corpus, parent_run_id: Optional[str] = None) -> StudyPlan:
+    study_id = _start_study(tracker, cfg, "datasize", corpus, parent_run_id)
+    sources = [resolve_source(spec, cfg, tracker, cfg.seed) for spec in cfg.study.methods]
+    jobs = [
+        EvalJob(
+            source, cfg.study.task, label_fraction=fraction, parent_run_id=study_id,
+            extra_tags={"avssl.study": "datasize", "avssl.study_run_id": study_id},
+            run_name=f"datasize-{source.name}-{fraction:g}",
+        )
+        for source in sources
+        for fraction in cfg.study.datasize.fractions
+    ]
+    print(f"datasize study on {cfg.study.task}: {', '.join(s.name for s in sources)} x fractions {cfg.study.datasize.fractions}", flush=True)
+    return StudyPlan("datasize", study_id, jobs, cfg, tracker)
+
+
+def _finish_datasize(plan: StudyPlan, summaries: list[EvalSummary]) -> dict[str, Any]:
+    from avssl.figures import curves, errorbar_lines
+
+    cfg, tracker = plan.cfg, plan.tracker
+    task = cfg.study.task
+    primary = TASKS.get(task).primary
+    fractions = cfg.study.datasize.fractions
+    table: dict[str, dict[float, dict[str, Any]]] = {}
+    for job, s in zip(plan.jobs, summaries):
+        of = overfitting(s)
+        tracker.log_metrics(s.run_id, of)
+        table.setdefault(s.method, {})[job.label_fraction] = {
+            "mean": s.metrics[f"test/{primary}_mean"], "std": s.metrics[f"test/{primary}_std"], **of,
+            "train_curve": s.results[0].curves["train_score"], "val_curve": s.results[0].curves["val_score"],
+        }
+    series = {m: ([row[f]["mean"] for f in fractions], [row[f]["std"] for f in fractions]) for m, row in table.items()}
+    labels = [f"{100 * f:g}%" for f in fractions]
+    tracker.log_figure(plan.run_id, errorbar_lines(labels, series, "labelled training data", f"test {primary}", f"{task}: data fraction"), "datasize_metric.png")
+    gaps = {m: ([row[f]["overfit/gap_mean"] for f in fractions], [row[f]["overfit/gap_std"] for f in fractions]) for m, row in table.items()}
+    tracker.log_figure(plan.run_id, errorbar_lines(labels, gaps, "labelled training data", "best train - best val", "overfitting gap"), "datasize_gap.png")
+    smallest = fractions[0]
+    lc = {}
+    for m, row in table.items():
+        lc[f"{m} train"] = row[smallest]["train_curve"]
+        lc[f"{m} val"] = row[smallest]["val_curve"]
+    tracker.log_figure(plan.run_id, curves(lc, "epoch", primary, f"learning curves at {100 * smallest:g}% of the labels (seed {cfg.evaluate.seeds[0]})"), "datasize_curves_smallest.png")
+    tracker.log_text(plan.run_id, format_datasize_table(table, fractions, primary), "datasize_table.md")
+    return {"table": table, "metric": primary, "fractions": fractions}
+
+
+def run_studies(plans: list[StudyPlan], cfg: Config, tracker: Tracker, cache: TaskDataCache, extra_jobs: tuple[EvalJob, ...] = ()) -> tuple[list[dict[str, Any]], list[EvalSummary]]:
+    """All the plans' jobs (and any extra ones) in one batch of Ray tasks, then each study's tables."""
+    jobs = [j for p in plans for j in p.jobs] + list(extra_jobs)
     try:
-        sources = [resolve_source(spec, cfg, tracker, cfg.seed) for spec in cfg.study.methods]
-        jobs = [
-            EvalJob(
-                source, task, test_conditions=tuple(conditions), train_conditions=train_conditions, parent_run_id=study_id,
-                extra_tags={"avssl.study": "noise", "avssl.study_run_id": study_id, "avssl.train_with_noise": str(bool(train_conditions)).lower()},
-                run_name=f"noise-{source.name}",
-            )
-            for source in sources
-        ]
-        print(f"noise study on {task}: {', '.join(s.name for s in sources)} x {len(conditions)} conditions", flush=True)
-        for s in run_jobs(jobs, cfg, tracker, cache, on_done=lambda s: print(f"  done: {s.method}", flush=True)):
-            row = {}
-            for cond in conditions:
-                name = condition_name(cond)
-                prefix = "test/" if cond == CLEAN else f"noise/{name}/"
-                row[name] = (s.metrics[f"{prefix}{primary}_mean"], s.metrics[f"{prefix}{primary}_std"])
-            table[s.method] = row
-        snrs = [s for s in cfg.study.noise.snrs]
-        for kind in cfg.study.noise.types:
-            names = [condition_name(CLEAN if parse_snr(s) is None else (kind, parse_snr(s))) for s in snrs]
-            series = {m: ([row[n][0] for n in names], [row[n][1] for n in names]) for m, row in table.items()}
-            fig = errorbar_lines([str(s) for s in snrs], series, "SNR (dB)", f"test {primary}", f"{task} with {kind} noise")
-            tracker.log_figure(study_id, fig, f"noise_{kind}.png")
-        tracker.log_text(study_id, format_noise_table(table, primary), "noise_table.md")
-        tracker.end_run(study_id, "FINISHED")
+        summaries = run_jobs(jobs, cfg, tracker, cache, on_done=lambda s: print(f"  done: {s.method} / {s.task} ({s.run_id[:8]})", flush=True))
     except BaseException:
-        tracker.end_run(study_id, "FAILED")
+        for p in plans:
+            tracker.end_run(p.run_id, "FAILED")
         raise
-    return {"run_id": study_id, "table": table, "metric": primary}
+    outputs, k = [], 0
+    for p in plans:
+        outputs.append(p.finish(summaries[k : k + len(p.jobs)]))
+        k += len(p.jobs)
+    return outputs, summaries[k:]
+
+
+def noise_study(cfg: Config, tracker: Tracker, cache: Optional[TaskDataCache] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
+    cache = cache or TaskDataCache(Corpus(cfg.data.corpus))
+    return run_studies([plan_noise_study(cfg, tracker, cache.corpus, parent_run_id)], cfg, tracker, cache)[0][0]
+
+
+def datasize_study(cfg: Config, tracker: Tracker, cache: Optional[TaskDataCache] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
+    cache = cache or TaskDataCache(Corpus(cfg.data.corpus))
+    return run_studies([plan_datasize_study(cfg, tracker, cache.corpus, parent_run_id)], cfg, tracker, cache)[0][0]
 
 
 def overfitting(summary: EvalSummary) -> dict[str, float]:
+    """Best train score minus best validation score, and the epoch validation peaked, over seeds."""
     gaps, peaks, lengths = [], [], []
     for r in summary.results:
         gaps.append(max(r.curves["train_score"]) - max(r.curves["val_score"]))
@@ -89,56 +183,6 @@ def overfitting(summary: EvalSummary) -> dict[str, float]:
     g, gs = mean_std(gaps)
     p, ps = mean_std(peaks)
     return {"overfit/gap_mean": g, "overfit/gap_std": gs, "overfit/val_peak_epoch_mean": p, "overfit/val_peak_epoch_std": ps, "overfit/epochs_run_mean": float(np.mean(lengths))}
-
-
-def datasize_study(cfg: Config, tracker: Tracker, cache: Optional[TaskDataCache] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
-    from avssl.figures import curves, errorbar_lines
-
-    corpus = cache.corpus if cache else Corpus(cfg.data.corpus)
-    cache = cache or TaskDataCache(corpus)
-    task = cfg.study.task
-    primary = TASKS.get(task).primary
-    fractions = cfg.study.datasize.fractions
-    study_id = _start_study(tracker, cfg, "datasize", corpus, parent_run_id)
-    table: dict[str, dict[float, dict[str, Any]]] = {}
-    try:
-        sources = [resolve_source(spec, cfg, tracker, cfg.seed) for spec in cfg.study.methods]
-        jobs = [
-            EvalJob(
-                source, task, label_fraction=fraction, parent_run_id=study_id,
-                extra_tags={"avssl.study": "datasize", "avssl.study_run_id": study_id},
-                run_name=f"datasize-{source.name}-{fraction:g}",
-            )
-            for source in sources
-            for fraction in fractions
-        ]
-        print(f"datasize study on {task}: {', '.join(s.name for s in sources)} x fractions {fractions}", flush=True)
-        summaries = run_jobs(jobs, cfg, tracker, cache, on_done=lambda s: print(f"  done: {s.method} ({s.run_id[:8]})", flush=True))
-        for job, s in zip(jobs, summaries):
-            fraction = job.label_fraction
-            of = overfitting(s)
-            tracker.log_metrics(s.run_id, of)
-            table.setdefault(s.method, {})[fraction] = {
-                "mean": s.metrics[f"test/{primary}_mean"], "std": s.metrics[f"test/{primary}_std"], **of,
-                "train_curve": s.results[0].curves["train_score"], "val_curve": s.results[0].curves["val_score"],
-            }
-        series = {m: ([row[f]["mean"] for f in fractions], [row[f]["std"] for f in fractions]) for m, row in table.items()}
-        labels = [f"{100 * f:g}%" for f in fractions]
-        tracker.log_figure(study_id, errorbar_lines(labels, series, "labelled training data", f"test {primary}", f"{task}: data fraction"), "datasize_metric.png")
-        gaps = {m: ([row[f]["overfit/gap_mean"] for f in fractions], [row[f]["overfit/gap_std"] for f in fractions]) for m, row in table.items()}
-        tracker.log_figure(study_id, errorbar_lines(labels, gaps, "labelled training data", "best train - best val", "overfitting gap"), "datasize_gap.png")
-        smallest = fractions[0]
-        lc = {}
-        for m, row in table.items():
-            lc[f"{m} train"] = row[smallest]["train_curve"]
-            lc[f"{m} val"] = row[smallest]["val_curve"]
-        tracker.log_figure(study_id, curves(lc, "epoch", primary, f"learning curves at {100 * smallest:g}% of the labels (seed {cfg.evaluate.seeds[0]})"), "datasize_curves_smallest.png")
-        tracker.log_text(study_id, format_datasize_table(table, fractions, primary), "datasize_table.md")
-        tracker.end_run(study_id, "FINISHED")
-    except BaseException:
-        tracker.end_run(study_id, "FAILED")
-        raise
-    return {"run_id": study_id, "table": table, "metric": primary, "fractions": fractions}
 
 
 def format_noise_table(table: dict[str, dict[str, tuple[float, float]]], metric: str) -> str:

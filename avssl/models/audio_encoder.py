@@ -28,20 +28,31 @@ class ConvGRUAudioEncoder(nn.Module):
         self.stride1 = int(round(cfg.first_stride_ms * SAMPLE_RATE / 1000))
         if self.window < HOP or k1 > self.window:
             raise ValueError("audio window must cover at least one frame hop and the first kernel")
-        # The first layer runs once over the whole waveform and its output is cut into windows
-        # (identical to running it per window when the frame hop is a multiple of its stride).
+        # Windows overlap five times over. Leading layers run once over the whole waveform and their
+        # output is cut into windows, as long as each window still starts on a whole output
+        # position (the same function as running them per window; in training, BatchNorm then
+        # takes its statistics over the sequence rather than over overlapping windows).
         self.shared_first = HOP % self.stride1 == 0
         c = cfg.base_channels
         self.first = _conv_bn_relu(1, c, k1, self.stride1)
         length = (self.window - k1) // self.stride1 + 1
         self.first_length = length
-        layers = []
+        layers, lengths = [], [length]
         for i in range(cfg.layers):
             if (length - 4) // 2 + 1 < 1:
                 raise ValueError(f"audio_encoder.layers={cfg.layers} downsamples the {cfg.window_seconds} s window below one sample")
             layers.append(_conv_bn_relu(c * 2**i, c * 2 ** (i + 1), 4, 2))
             length = (length - 4) // 2 + 1
+            lengths.append(length)
         self.convs = nn.Sequential(*layers)
+        self.lengths = lengths
+        self.hop_after, self.n_shared = [HOP // self.stride1] if self.shared_first else [0], 0
+        if self.shared_first:
+            hop = HOP // self.stride1
+            while self.n_shared < len(layers) and hop % 2 == 0:
+                hop //= 2
+                self.n_shared += 1
+                self.hop_after.append(hop)
         self.code = nn.Sequential(nn.Conv1d(c * 2 ** cfg.layers, cfg.code_dim, length), nn.Tanh())
         self.gru = nn.GRU(cfg.code_dim, cfg.gru_hidden, cfg.gru_layers, batch_first=True)
         self.code_dim = cfg.code_dim
@@ -53,13 +64,17 @@ class ConvGRUAudioEncoder(nn.Module):
         left = (self.window - HOP) // 2
         x = nn.functional.pad(wave[:, : t * HOP], (left, self.window - HOP - left))
         if self.shared_first:
-            h = self.first(x.unsqueeze(1))  # [B, C, P]
-            h = h.unfold(-1, self.first_length, HOP // self.stride1)[:, :, :t]  # [B, C, T, L]
-            h = h.permute(0, 2, 1, 3).reshape(b * t, h.shape[1], self.first_length)
+            h = self.first(x.unsqueeze(1))  # [B, C, P], over the whole clip
+            for layer in self.convs[: self.n_shared]:
+                h = layer(h)
+            k = self.n_shared
+            h = h.unfold(-1, self.lengths[k], self.hop_after[k])[:, :, :t]  # [B, C, T, L_k]
+            h = h.permute(0, 2, 1, 3).reshape(b * t, h.shape[1], self.lengths[k])
+            h = self.convs[k:](h)
         else:
             windows = x.unfold(-1, self.window, HOP)[:, :t]  # [B, T, W]
-            h = self.first(windows.reshape(b * t, 1, self.window))
-        code = self.code(self.convs(h))  # [B*T, code_dim, 1]
+            h = self.convs(self.first(windows.reshape(b * t, 1, self.window)))
+        code = self.code(h)  # [B*T, code_dim, 1]
         return code.reshape(b, t, self.code_dim)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:

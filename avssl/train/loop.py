@@ -314,7 +314,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["throughput/epoch_samples_per_s"] = epoch_samples * world / max(epoch_time, 1e-9)
             if logger is not None:
                 logger.metrics({k: v for k, v in metrics.items() if k not in ("step",)}, state.step)
-                if figure_batch is not None:
+                every = cfg.train.figure_every_epochs
+                last = epoch + 1 == cfg.train.epochs or done
+                if figure_batch is not None and (last or (every and (epoch + 1) % every == 0)):
                     logger.figure(generated_frames_figure(raw, figure_batch, device, title=f"epoch {epoch + 1}, step {state.step}"), f"frames/epoch_{epoch + 1:03d}.png")
             parts_msg = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in metrics.items() if k.startswith("val/loss/") and k.count("/") == 2)
             probe_msg = "".join(f" | {k.split('/')[-1]} {v:.3f}" for k, v in metrics.items() if k.startswith("probe/val_uar") or k.startswith("probe/val_ccc"))
