@@ -153,6 +153,24 @@ def generated_frames_figure(model: AVSSLModel, batch: dict[str, torch.Tensor], d
     return generated_vs_real(real, gen, energy, title)
 
 
+def _record_worker(run_dir: Path, rank: int, world: int) -> None:
+    """Which process and node holds which rank, for operators (and fault-injection tests)."""
+    import json
+    import os
+    import socket
+
+    import ray
+
+    try:
+        folder = run_dir / "workers"
+        folder.mkdir(parents=True, exist_ok=True)
+        info = {"rank": rank, "world_size": world, "pid": os.getpid(), "host": socket.gethostname(),
+                "node_id": ray.get_runtime_context().get_node_id(), "started": time.time()}
+        (folder / f"rank{rank}.json").write_text(json.dumps(info))
+    except OSError:
+        pass  # storage that is not a local/NFS path: nothing to record
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -166,6 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.train.threads_per_worker or max(1, int(cfg.train.cpus_per_worker)))
     device = ray.train.torch.get_device()
+    _record_worker(Path(cfg.train.storage_path) / str(cfg.run_name), rank, world)
 
     corpus = Corpus(cfg.data.corpus)
     objective = build_objective(cfg.objective)
