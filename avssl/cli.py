@@ -102,6 +102,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return tune_command(args.space, args.overrides, resume=args.resume, name=args.name, retry_errored=args.retry_errored)
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from avssl.cluster import cluster_check_command
+
+    return cluster_check_command(args.files)
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from avssl.quickstart import quickstart_command
@@ -181,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="require an existing search of this name and restore it")
     p.add_argument("--retry-errored", action="store_true", help="on resume, rerun trials that ended in error")
     p.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="overrides of the space's base config")
+
+    p = add("cluster", cmd_cluster, "check a Ray cluster-launcher YAML (cluster.yaml) before `ray up`",
+            "Run Ray's own cluster validator on each file, then avssl's checks: avssl installed on every node,\n"
+            "MLflow server started and its URI plus the shared storage path exported, dashboard and MLflow\n"
+            "on private addresses, token auth on, no credentials in the file.")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("files", nargs="+", metavar="FILE", help="cluster-launcher YAML files, e.g. cluster.yaml cluster-gpu.yaml")
 
     p = add("quickstart", cmd_quickstart, "the whole pipeline on the synthetic corpus: synth -> pretrain -> evaluate -> studies -> report",
             "Runs end to end on the tiny preset in minutes on a laptop CPU and prints where the results are.")

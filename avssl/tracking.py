@@ -34,6 +34,8 @@ def _quiet_mlflow_http() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    # One line from RunLogger says the server is down; not one urllib3 warning per attempt.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def resolve_uri(uri: Optional[str] = None, base: Optional[Path] = None) -> str:

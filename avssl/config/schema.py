@@ -3,6 +3,7 @@ from the command line as `a.b.c=value`. Unknown fields are errors, not silently 
 
 from __future__ import annotations
 
+import os
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -174,7 +175,8 @@ class TrainConfig(Section):
     log_every_steps: int = Field(10, ge=1)
     figure_every_epochs: int = Field(1, ge=0, description="generated-vs-real frames figure every N epochs; 0 = last epoch only")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts; -1 = unlimited")
-    storage_path: str = "avssl_runs"
+    storage_path: str = Field(default_factory=lambda: os.environ.get("AVSSL_STORAGE_PATH") or "avssl_runs",
+                              description="checkpoints and encoders; shared storage on multi-node clusters (default: AVSSL_STORAGE_PATH or ./avssl_runs)")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; null = start or join a local runtime")
     threads_per_worker: int = Field(0, ge=0, description="torch intra-op threads per worker; 0 = cpus_per_worker")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", description="Ray Train's own log level")

@@ -30,6 +30,7 @@ from avssl.objectives.audio_attributes import add_targets, fit_target_stats
 
 STATE_FILE = "state.pt"
 ENCODER_FILE = "encoder.pt"
+TRACKING_STATUS_FILE = "tracking_status.json"
 
 
 @dataclass
@@ -171,6 +172,17 @@ def _record_worker(run_dir: Path, rank: int, world: int) -> None:
         pass  # storage that is not a local/NFS path: nothing to record
 
 
+def _write_tracking_status(run_dir: Path, result: dict[str, Any]) -> None:
+    """What reached MLflow, for the driver's final message (the driver cannot see rank 0's logger)."""
+    import json
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / TRACKING_STATUS_FILE).write_text(json.dumps(result))
+    except OSError:
+        pass
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -234,7 +246,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     logger = None
     if rank == 0 and config.get("run_id"):
-        logger = RunLogger(config["tracking_uri"], config["run_id"], fallback_dir=Path(cfg.train.storage_path) / "unsent_artifacts")
+        run_dir = Path(cfg.train.storage_path) / str(cfg.run_name)
+        logger = RunLogger(config["tracking_uri"], config["run_id"], fallback_dir=run_dir / "unsent_artifacts")
         if state.resumed_from_step >= 0:
             logger.metrics({"resumed_from_step": state.resumed_from_step}, state.step)
 
@@ -367,6 +380,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state.step,
             )
             logger.artifact(out, "encoder")
-            result = logger.close()
+            result = logger.close(timeout_s=max(30.0, 3 * cfg.tracking.connect_timeout_s))
+            _write_tracking_status(Path(cfg.train.storage_path) / str(cfg.run_name), result)
             if result["lost"] or result["kept_locally"]:
                 print(f"[avssl] MLflow: {result['lost']} metric values could not be sent; artifacts kept locally: {result['kept_locally']}", flush=True)

@@ -18,7 +18,7 @@ from avssl.errors import AvsslError, DataError
 from avssl.objectives import build_objective
 from avssl.runtime import check_resources, ensure_ray
 from avssl.tracking import Tracker, mlflow_ui_hint
-from avssl.train.loop import ENCODER_FILE, train_loop_per_worker
+from avssl.train.loop import ENCODER_FILE, TRACKING_STATUS_FILE, train_loop_per_worker
 
 
 @dataclass
@@ -30,6 +30,7 @@ class PretrainResult:
     encoder_path: str
     tracking_uri: str
     seconds: float
+    tracking: Optional[dict[str, Any]] = None
 
 
 def run_tags(cfg: Config, corpus: Corpus) -> dict[str, str]:
@@ -109,11 +110,14 @@ def pretrain(cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Optio
     try:
         result = trainer.fit()
     except Exception as e:
-        tracker.end_run(run_id, "FAILED")
+        try:
+            tracker.end_run(run_id, "FAILED")
+        except Exception:  # the tracking server is down too; the error below matters more
+            pass
         cause = getattr(e, "__cause__", None) or e
         raise AvsslError(f"pretraining '{cfg.run_name}' failed: {type(cause).__name__}: {cause}\n"
                          f"checkpoints written so far are kept in {run_dir}; rerun the same command to resume") from None
-    tracker.end_run(run_id, "FINISHED")
+    tracking = _finish_tracking(tracker, run_id, run_dir, cfg.tracking.connect_timeout_s)
     return PretrainResult(
         run_id=run_id,
         run_name=str(cfg.run_name),
@@ -122,7 +126,37 @@ def pretrain(cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Optio
         encoder_path=str(run_dir / ENCODER_FILE),
         tracking_uri=tracker.uri,
         seconds=time.perf_counter() - t0,
+        tracking=tracking,
     )
+
+
+def _finish_tracking(tracker: Tracker, run_id: str, run_dir: Path, timeout_s: float) -> dict[str, Any]:
+    """Close the MLflow run, retrying a server that dropped mid-run; never lose the trained result
+    over it. Returns what rank 0 could send ({sent, lost, kept_locally}) plus `closed`."""
+    import json
+
+    try:
+        status = json.loads((run_dir / TRACKING_STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        status = {}
+    deadline = time.time() + max(3 * timeout_s, 10.0)
+    while True:
+        try:
+            tracker.end_run(run_id, "FINISHED")
+            status["closed"] = True
+            break
+        except Exception as e:  # the server is down: retry, then report instead of crashing
+            if time.time() > deadline:
+                status["closed"] = False
+                status["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                break
+            time.sleep(2.0)
+    if not status["closed"] or status.get("lost") or status.get("kept_locally"):
+        print(f"WARNING: MLflow at {tracker.uri} did not take everything: {status.get('lost', '?')} metric values lost, "
+              f"artifacts kept locally: {status.get('kept_locally') or 'none'}"
+              + ("" if status["closed"] else f"; run {run_id} could not be closed ({status.get('error')}) and stays RUNNING")
+              + f". Training itself finished; checkpoints and the encoder are in {run_dir}.", flush=True)
+    return status
 
 
 def pretrain_command(cfg: Config) -> int:

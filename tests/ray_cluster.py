@@ -1,0 +1,180 @@
+"""A real Ray cluster on 127.0.0.1 for tests: a head and worker nodes started with `ray start`,
+as on real machines (one raylet each), with token authentication on and every port explicit.
+
+Everything lives under a short temp folder of its own (socket paths have a length limit), and
+`stop()` kills only this cluster's processes: never `ray stop`, which would also stop other Ray
+runtimes on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+from avssl.runtime import free_port
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Node:
+    name: str
+    node_manager_port: int
+    resources: dict = field(default_factory=dict)
+    node_id: Optional[str] = None
+
+    def raylet(self) -> Optional[psutil.Process]:
+        for p in psutil.process_iter(["name", "cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if "raylet" in (p.info["name"] or "") and f"--node_manager_port={self.node_manager_port}" in cmd:
+                return p
+        return None
+
+
+class LocalRayCluster:
+    def __init__(self, health_check_ms: int = 500):
+        self.root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
+        self.token_path = self.root / "auth_token"
+        self.token_path.write_text(secrets.token_hex(32))
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.nodes: list[Node] = []
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # Notice a dead node within seconds, not the default 15 s.
+            "RAY_health_check_period_ms": str(health_check_ms),
+            "RAY_health_check_timeout_ms": str(health_check_ms),
+            "RAY_health_check_failure_threshold": "4",
+        }
+        for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            self.env.pop(var, None)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def client_env(self, **extra: str) -> dict[str, str]:
+        """Environment of a process that drives work on this cluster (an `avssl` command)."""
+        return {**self.env, "RAY_ADDRESS": self.address, "RAY_API_SERVER_ADDRESS": self.dashboard_url, **extra}
+
+    def _ports(self, head: bool) -> list[str]:
+        low = free_port()
+        args = [
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--min-worker-port={low}",
+            f"--max-worker-port={low + 60}",
+            "--object-store-memory=150000000",
+            "--node-ip-address=127.0.0.1",
+            "--disable-usage-stats",
+        ]
+        if head:
+            args += [f"--ray-client-server-port={free_port()}"]
+        return args
+
+    def _start(self, name: str, args: list[str], num_cpus: int, resources: Optional[dict]) -> Node:
+        import json
+
+        resources = {f"node_{name}": 1, **(resources or {})}
+        args = args + [f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}"]
+        port = int(next(a for a in args if a.startswith("--node-manager-port=")).split("=")[1])
+        out = subprocess.run([str(BIN / "ray"), "start", *args], env=self.env, capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"ray start ({name}) failed:\n{out.stdout}\n{out.stderr}")
+        node = Node(name, port, resources)
+        self.nodes.append(node)
+        return node
+
+    def start_head(self, num_cpus: int = 1, resources: Optional[dict] = None) -> Node:
+        args = ["--head", f"--port={self.port}", f"--temp-dir={self.root}", "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"] + self._ports(head=True)
+        node = self._start("head", args, num_cpus, resources)
+        self.wait_http(f"{self.dashboard_url}/api/version", auth=True)
+        return node
+
+    def add_node(self, name: str, num_cpus: int = 1, resources: Optional[dict] = None) -> Node:
+        return self._start(name, [f"--address={self.address}"] + self._ports(head=False), num_cpus, resources)
+
+    def wait_http(self, url: str, auth: bool, timeout: float = 60.0) -> None:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.request(url, auth), timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"{url} did not answer")
+            time.sleep(0.5)
+
+    def request(self, url: str, auth: bool = True) -> urllib.request.Request:
+        headers = {"Authorization": f"Bearer {self.token_path.read_text().strip()}"} if auth else {}
+        return urllib.request.Request(url, headers=headers)
+
+    def alive_nodes(self) -> int:
+        import json
+
+        with urllib.request.urlopen(self.request(f"{self.dashboard_url}/nodes?view=summary"), timeout=10) as r:
+            summary = json.loads(r.read())["data"]["summary"]
+        return sum(1 for n in summary if n.get("raylet", {}).get("state") == "ALIVE")
+
+    def kill_node(self, node: Node) -> int:
+        """SIGKILL the node's raylet, as when a machine dies; its workers lose their raylet too."""
+        raylet = node.raylet()
+        if raylet is None:
+            raise RuntimeError(f"no raylet for node {node.name}")
+        children = raylet.children(recursive=True)
+        raylet.kill()
+        for c in children:
+            try:
+                c.kill()
+            except psutil.Error:
+                pass
+        return raylet.pid
+
+    def _processes(self) -> list[psutil.Process]:
+        mine = []
+        ports = {f"--node_manager_port={n.node_manager_port}" for n in self.nodes}
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if str(self.root) in cmd or any(port in cmd for port in ports):
+                mine.append(p)
+        return mine
+
+    def stop(self) -> None:
+        procs = self._processes()
+        for p in list(procs):
+            try:
+                procs += p.children(recursive=True)
+            except psutil.Error:
+                pass
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=10)

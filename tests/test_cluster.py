@@ -1,0 +1,377 @@
+"""Clusters: cluster.yaml validation, job submission to a real Ray head, multi-node pretraining,
+and the faults a cluster run must survive (a dead node, a killed driver, a dropped MLflow server)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from avssl.cluster import check_cluster_file
+from avssl.errors import ConfigError
+from avssl.runtime import free_port
+from tests.conftest import TINY_TRAIN
+from tests.ray_cluster import BIN, LocalRayCluster
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- cluster.yaml ------------------------------------------------------------------------------
+
+
+def test_shipped_cluster_files_pass_rays_validator_and_avssl_checks():
+    for name in ("cluster.yaml", "cluster-gpu.yaml"):
+        cfg = check_cluster_file(REPO / name)
+        assert cfg["cluster_name"].startswith("avssl")
+    local = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    assert local["provider"]["type"] == "local" and local["provider"]["worker_ips"]
+    gpu = yaml.safe_load((REPO / "cluster-gpu.yaml").read_text())
+    assert any("g5" in t["node_config"]["InstanceType"] for t in gpu["available_node_types"].values())
+
+
+def _broken(tmp_path: Path, edit) -> Path:
+    cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    edit(cfg)
+    out = tmp_path / "broken.yaml"
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+def test_broken_cluster_files_are_rejected(tmp_path):
+    def typo(c):
+        c["head_start_ray_comands"] = c.pop("head_start_ray_commands")
+
+    with pytest.raises(ConfigError, match=r"Ray's cluster validator rejected .*head_start_ray_comands"):
+        check_cluster_file(_broken(tmp_path, typo))
+
+    def wrong_type(c):
+        c["max_workers"] = "two"
+
+    with pytest.raises(ConfigError, match="Ray's cluster validator rejected"):
+        check_cluster_file(_broken(tmp_path, wrong_type))
+
+    def no_workers(c):
+        del c["provider"]["worker_ips"]
+
+    with pytest.raises(ConfigError, match="worker_ips"):
+        check_cluster_file(_broken(tmp_path, no_workers))
+
+    def public_dashboard(c):
+        c["head_start_ray_commands"] = [s.replace("--dashboard-host=$AVSSL_HEAD_IP", "--dashboard-host=0.0.0.0") for s in c["head_start_ray_commands"]]
+
+    with pytest.raises(ConfigError, match="--dashboard-host=0.0.0.0` binds a service to every interface"):
+        check_cluster_file(_broken(tmp_path, public_dashboard))
+
+    def secret(c):
+        c["setup_commands"].append("echo 'export MLFLOW_TRACKING_PASSWORD=hunter2' >> ~/.avssl_env")
+
+    with pytest.raises(ConfigError, match="credential is written into the file"):
+        check_cluster_file(_broken(tmp_path, secret))
+
+    def no_mlflow(c):
+        c["head_start_ray_commands"] = [s for s in c["head_start_ray_commands"] if "mlflow server" not in s]
+
+    with pytest.raises(ConfigError, match="no MLflow server"):
+        check_cluster_file(_broken(tmp_path, no_mlflow))
+
+    out = subprocess.run([str(BIN / "avssl"), "cluster", "check", str(_broken(tmp_path, typo))], capture_output=True, text=True)
+    assert out.returncode == 2 and "rejected" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- MLflow server faults --------------------------------------------------------------------------
+
+
+def test_unreachable_mlflow_server_fails_before_any_compute(workdir, synth_corpus):
+    port = free_port()
+    t0 = time.time()
+    out = subprocess.run(
+        [str(BIN / "avssl"), "pretrain", "--config", "tiny", f"data.corpus={synth_corpus}", "run_name=nowhere",
+         f"train.storage_path={workdir / 'runs'}", f"tracking.uri=http://127.0.0.1:{port}", "tracking.connect_timeout_s=3"],
+        capture_output=True, text=True, cwd=workdir, timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (workdir / "runs").exists()  # no Ray run, no checkpoint folder
+    assert time.time() - t0 < 60
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 that a test can stop and start again on the same port."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=(self.root / "server.log").open("ab"), start_new_session=True,
+        )
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            import os
+
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.mark.slow
+def test_mlflow_server_dropping_mid_run_loses_no_training(workdir, synth_corpus, ray_local):
+    """The server dies after the first metrics and comes back later: training never stops, the
+    metrics logged while it was down arrive after it returns, and the run ends FINISHED."""
+    from avssl.train.trainer import pretrain
+    from tests.conftest import tiny_cfg
+
+    server = MlflowServer(workdir)
+    server.start()
+    outage: dict = {}
+
+    def drop_and_restore():
+        client = MlflowClient(server.uri)
+        deadline = time.time() + 200
+        while time.time() < deadline:
+            try:
+                runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`avssl.run_name` = 'drop'")
+                if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
+                    break
+            except Exception:
+                pass
+            time.sleep(0.2)
+        server.stop()
+        outage["down_at"] = time.time()
+        time.sleep(12)
+        outage["up_at"] = time.time()
+        server.start()
+
+    import threading
+
+    t = threading.Thread(target=drop_and_restore, daemon=True)
+    t.start()
+    try:
+        cfg = tiny_cfg(workdir, synth_corpus, "objective.name=audio", "run_name=drop", "train.epochs=4", "train.probe.enabled=false",
+                       f"tracking.uri={server.uri}", "tracking.connect_timeout_s=3", "train.log_every_steps=1")
+        r = pretrain(cfg)
+        t.join(timeout=60)
+        assert "down_at" in outage and "up_at" in outage, "the server was never dropped"
+        assert r.tracking and r.tracking["closed"], r.tracking
+        client = MlflowClient(server.uri)
+        run = client.get_run(r.run_id)
+        assert run.info.status == "FINISHED"
+        losses = client.get_metric_history(r.run_id, "train/loss")
+        logged_while_down = [m for m in losses if outage["down_at"] * 1000 <= m.timestamp <= outage["up_at"] * 1000]
+        assert logged_while_down, "no metric from the outage reached the server after it came back"
+        assert max(m.step for m in losses) == r.metrics["step"]
+        assert r.tracking["lost"] == 0
+    finally:
+        server.stop()
+
+
+def test_metrics_that_never_reach_a_dead_server_are_counted_and_artifacts_kept(tmp_path):
+    from avssl.tracking import RunLogger
+
+    logger = RunLogger(f"http://127.0.0.1:{free_port()}", "0" * 32, flush_every_s=0.2, fallback_dir=tmp_path / "unsent")
+    for step in range(5):
+        logger.metrics({"train/loss": 1.0 / (step + 1), "lr": 0.1}, step)
+    artifact = tmp_path / "encoder.pt"
+    artifact.write_bytes(b"weights")
+    logger.artifact(artifact, "encoder")
+    result = logger.close(timeout_s=2)
+    assert result["lost"] == 10 and result["sent"] == 0
+    assert [Path(p).read_bytes() for p in result["kept_locally"]] == [b"weights"]
+    assert Path(result["kept_locally"][0]).parent == tmp_path / "unsent" / "encoder"
+
+
+# -- a real Ray head: Jobs API ---------------------------------------------------------------------
+
+
+def _tiny_args(workdir: Path, corpus: Path, run_name: str, *extra: str) -> list[str]:
+    return ["--config", "tiny", *TINY_TRAIN, f"data.corpus={corpus}", f"train.storage_path={workdir / 'shared' / 'runs'}",
+            f"tracking.uri=sqlite:///{workdir / 'shared' / 'mlflow.db'}", f"run_name={run_name}", "train.probe.enabled=false", *extra]
+
+
+@pytest.fixture
+def ray_head():
+    cluster = LocalRayCluster()
+    try:
+        cluster.start_head(num_cpus=2, resources={"avssl_tune_driver": 4})
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_job_submission_to_a_local_head_with_token_auth(workdir, synth_corpus, ray_head):
+    (workdir / "shared").mkdir()
+    # The head's REST API refuses a request without the token.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(ray_head.request(f"{ray_head.dashboard_url}/api/jobs/", auth=False), timeout=10)
+    assert refused.value.code in (401, 403)
+
+    submit = [str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard_url, "--working-dir", str(REPO),
+              "--submission-id", "avssl-tiny-pretrain", "--", "avssl", "pretrain",
+              *_tiny_args(workdir, synth_corpus, "job-tiny", "objective.name=audio", "train.epochs=1")]
+    env = {k: v for k, v in ray_head.env.items()}
+    out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "pretrain 'job-tiny' finished" in log
+    with urllib.request.urlopen(ray_head.request(f"{ray_head.dashboard_url}/api/jobs/avssl-tiny-pretrain"), timeout=20) as r:
+        assert json.loads(r.read())["status"] == "SUCCEEDED"
+
+    # The entry script `ray submit cluster.yaml scripts/cluster_job.py -- ...` runs on the head.
+    submit = [str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard_url, "--working-dir", str(REPO), "--",
+              "python", "scripts/cluster_job.py", "pretrain", *_tiny_args(workdir, synth_corpus, "entry-tiny", "objective.name=audio", "train.epochs=1")]
+    out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+
+    client = MlflowClient(f"sqlite:///{workdir / 'shared' / 'mlflow.db'}")
+    exp = [e.experiment_id for e in client.search_experiments()]
+    for name in ("job-tiny", "entry-tiny"):
+        (run,) = client.search_runs(exp, f"tags.`avssl.run_name` = '{name}'")
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["final/steps"] > 0
+        assert (workdir / "shared" / "runs" / name / "encoder.pt").is_file()
+
+
+# -- a real multi-node cluster: placement and faults -----------------------------------------------
+
+
+@pytest.fixture
+def three_nodes():
+    cluster = LocalRayCluster()
+    try:
+        cluster.start_head(num_cpus=1, resources={"avssl_tune_driver": 4})
+        cluster.add_node("a", num_cpus=1)
+        cluster.add_node("b", num_cpus=1)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _registered_step(run_dir: Path) -> int:
+    try:
+        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snap["latest_checkpoint_result"]["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = ""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the driver exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _workers(run_dir: Path) -> dict[int, dict]:
+    out = {}
+    for p in (run_dir / "workers").glob("rank*.json"):
+        try:
+            info = json.loads(p.read_text())
+            out[info["rank"]] = info
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _start_driver(cluster: LocalRayCluster, workdir: Path, args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "avssl"), "pretrain", *args], cwd=workdir, env=cluster.client_env(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30"),
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_killed_driver_then_killed_node_on_a_three_node_cluster(workdir, synth_corpus, three_nodes):
+    """Workers spread over nodes; a SIGKILLed driver's rerun resumes; a node whose raylet is
+    SIGKILLed mid-run is replaced by the remaining nodes and the run finishes from its checkpoint."""
+    cluster = three_nodes
+    (workdir / "shared").mkdir()
+    args = _tiny_args(workdir, synth_corpus, "multinode", "objective.name=audio", "train.epochs=6", "train.num_workers=2",
+                      "train.placement_strategy=SPREAD", "train.checkpoint_every_steps=2", "train.max_failures=3")
+    run_dir = workdir / "shared" / "runs" / "multinode"
+
+    # 1. Driver killed after a registered checkpoint; the same command resumes.
+    driver = _start_driver(cluster, workdir, args, workdir / "driver1.log")
+    step_at_driver_kill = _wait_for(lambda: max(0, _registered_step(run_dir)) >= 2 and _registered_step(run_dir), 240, driver, "a checkpoint")
+    placed = _wait_for(lambda: len(_workers(run_dir)) == 2 and _workers(run_dir), 60, driver, "both workers")
+    assert placed[0]["node_id"] != placed[1]["node_id"], "SPREAD should put the two workers on different nodes"
+    import os
+
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+    # 2. Rerun; once it has resumed and checkpointed again, kill a worker node's raylet.
+    driver = _start_driver(cluster, workdir, args, workdir / "driver2.log")
+    _wait_for(lambda: _registered_step(run_dir) >= step_at_driver_kill + 4, 240, driver, "a checkpoint after the rerun")
+    victim = _node_hosting_a_worker(cluster, _workers(run_dir), exclude="head")
+    step_at_node_kill = _registered_step(run_dir)
+    cluster.kill_node(victim)
+    killed_node_id = victim.node_id
+    assert driver.wait(timeout=400) == 0, (workdir / "driver2.log").read_text()[-4000:]
+
+    client = MlflowClient(f"sqlite:///{workdir / 'shared' / 'mlflow.db'}")
+    exp = [e.experiment_id for e in client.search_experiments()]
+    (run,) = client.search_runs(exp, "tags.`avssl.run_name` = 'multinode'")
+    assert run.info.status == "FINISHED"
+    resumed = [v for _, v in _history(client, run.info.run_id, "resumed_from_step")]
+    assert len(resumed) == 2, resumed
+    assert resumed[0] >= step_at_driver_kill and resumed[1] >= step_at_node_kill, (resumed, step_at_driver_kill, step_at_node_kill)
+    final_steps = run.data.metrics["final/steps"]
+    losses = _history(client, run.info.run_id, "train/loss")
+    assert max(s for s, _ in losses) == final_steps
+    after = _workers(run_dir)
+    assert killed_node_id not in {w["node_id"] for w in after.values()}
+    assert cluster.alive_nodes() == 2
+    print(f"\nnode kill: driver killed at checkpoint step {step_at_driver_kill}, resumed from {resumed[0]}; "
+          f"node '{victim.name}' killed at checkpoint step {step_at_node_kill}, resumed from {resumed[1]}; "
+          f"finished at step {final_steps}, MLflow status {run.info.status}")
+
+
+def _node_hosting_a_worker(cluster: LocalRayCluster, workers: dict[int, dict], exclude: str):
+    """A non-head node running a training worker; Ray node ids are matched to our named nodes by
+    their custom resource through the State API on the head."""
+    with urllib.request.urlopen(cluster.request(f"{cluster.dashboard_url}/api/v0/nodes?limit=100&detail=true"), timeout=20) as r:
+        nodes = json.loads(r.read())["data"]["result"]["result"]
+    for info in nodes:
+        names = [k[len("node_"):] for k in (info.get("resources_total") or {}) if k.startswith("node_")]
+        if not names or names[0] == exclude or info.get("state") != "ALIVE":
+            continue
+        if info["node_id"] in {w["node_id"] for w in workers.values()}:
+            node = next(n for n in cluster.nodes if n.name == names[0])
+            node.node_id = info["node_id"]
+            return node
+    raise AssertionError(f"no non-{exclude} node hosts a worker: {workers}")
