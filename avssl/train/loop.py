@@ -73,12 +73,13 @@ class Running:
         self.n = 0
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
+        # Summed on the device: no host sync per step, one per log interval.
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else float(v))
         self.n += 1
 
     def pop(self) -> dict[str, float]:
-        out = {k: v / max(1, self.n) for k, v in self.sums.items()}
+        out = {k: float(v) / max(1, self.n) for k, v in self.sums.items()}
         self.sums, self.n = {}, 0
         return out
 
@@ -172,6 +173,86 @@ def _record_worker(run_dir: Path, rank: int, world: int) -> None:
         pass  # storage that is not a local/NFS path: nothing to record
 
 
+@dataclass
+class TrainParts:
+    """Everything one worker trains with; shared by the Ray loop and the plain-loop benchmark."""
+
+    corpus: Corpus
+    objective: Any
+    stream: RankStream
+    model: AVSSLModel
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Optional[Any]
+    generator: torch.Generator
+    dtype: Optional[torch.dtype]
+    device: torch.device
+    epoch_steps: list[int]
+    total_steps: int
+
+
+def build_parts(cfg: Config, rank: int, world: int, device: torch.device) -> TrainParts:
+    corpus = Corpus(cfg.data.corpus)
+    objective = build_objective(cfg.objective)
+    rows = rows_for_pretraining(corpus, cfg.data.pretrain_fraction, cfg.seed)
+    stream = RankStream(
+        corpus, rows, cfg.data.batch_size, rank, world, cfg.seed,
+        crop_frames=cfg.data.clip_frames, still=cfg.data.still_frame,
+        with_video=objective.visual, prefetch=cfg.data.prefetch_batches,
+        transform=partial(add_targets, cfg=cfg.objective.audio) if objective.audio else None,
+    )
+    torch.manual_seed(cfg.seed)
+    model = AVSSLModel(cfg.model, cfg.objective, corpus.frame_size, objective.visual, objective.audio)
+    if objective.audio:  # the same clips on every rank: identical statistics
+        sample = rows_for_pretraining(corpus, 1.0, cfg.seed, max_clips=128)
+        fit_target_stats(model, (b["wave"] for _, b in iterate_rows(corpus, sample, 32)), cfg.objective.audio)
+    model = model.to(device)
+    epoch_steps = [stream.batches_in_epoch(e) for e in range(cfg.train.epochs)]
+    total_steps = sum(epoch_steps)
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.train.warmup_steps, total_steps))
+    dtype = amp_dtype(cfg.train.mixed_precision, device)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    return TrainParts(corpus, objective, stream, model, optimizer, scheduler, scaler, generator, dtype, device, epoch_steps, total_steps)
+
+
+def train_step(p: TrainParts, model: torch.nn.Module, raw: AVSSLModel, batch: dict[str, torch.Tensor], grad_clip: float,
+               timings: Optional[dict[str, float]] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """One optimiser step; `model` may be the DDP wrapper of `raw`. With `timings`, the seconds
+    spent in each phase are added to it (the benchmarks' step-time split)."""
+    clock = time.perf_counter
+    t0 = clock()
+    batch = to_device(batch, p.device)
+    inputs = p.objective.model_inputs(batch, p.generator)
+    with torch.autocast(p.device.type, dtype=p.dtype or torch.float32, enabled=p.dtype is not None):
+        outputs = model(**inputs)
+    loss, parts = p.objective.loss(outputs, batch, inputs, raw)
+    t1 = clock()
+    p.optimizer.zero_grad(set_to_none=True)
+    if p.scaler is not None:
+        p.scaler.scale(loss).backward()
+        p.scaler.unscale_(p.optimizer)
+    else:
+        loss.backward()
+    t2 = clock()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if p.scaler is not None:
+        p.scaler.step(p.optimizer)
+        p.scaler.update()
+    else:
+        p.optimizer.step()
+    p.scheduler.step()
+    if timings is not None:
+        timings["forward"] = timings.get("forward", 0.0) + t1 - t0
+        timings["backward"] = timings.get("backward", 0.0) + t2 - t1
+        timings["optimizer"] = timings.get("optimizer", 0.0) + clock() - t2
+    return loss, parts, int(batch["wave"].shape[0])
+
+
 def _write_tracking_status(run_dir: Path, result: dict[str, Any]) -> None:
     """What reached MLflow, for the driver's final message (the driver cannot see rank 0's logger)."""
     import json
@@ -198,30 +279,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     _record_worker(Path(cfg.train.storage_path) / str(cfg.run_name), rank, world)
 
-    corpus = Corpus(cfg.data.corpus)
-    objective = build_objective(cfg.objective)
-    rows = rows_for_pretraining(corpus, cfg.data.pretrain_fraction, cfg.seed)
-    stream = RankStream(
-        corpus, rows, cfg.data.batch_size, rank, world, cfg.seed,
-        crop_frames=cfg.data.clip_frames, still=cfg.data.still_frame,
-        with_video=objective.visual, prefetch=cfg.data.prefetch_batches,
-        transform=partial(add_targets, cfg=cfg.objective.audio) if objective.audio else None,
-    )
-    torch.manual_seed(cfg.seed)
-    model = AVSSLModel(cfg.model, cfg.objective, corpus.frame_size, objective.visual, objective.audio)
-    if objective.audio:  # the same clips on every rank: identical statistics
-        sample = rows_for_pretraining(corpus, 1.0, cfg.seed, max_clips=128)
-        fit_target_stats(model, (b["wave"] for _, b in iterate_rows(corpus, sample, 32)), cfg.objective.audio)
-
-    epoch_steps = [stream.batches_in_epoch(e) for e in range(cfg.train.epochs)]
-    total_steps = sum(epoch_steps)
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.train.warmup_steps, total_steps))
-    dtype = amp_dtype(cfg.train.mixed_precision, device)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    parts = build_parts(cfg, rank, world, device)
+    corpus, objective, stream, model = parts.corpus, parts.objective, parts.stream, parts.model
+    optimizer, scheduler, scaler, generator = parts.optimizer, parts.scheduler, parts.scaler, parts.generator
+    epoch_steps, total_steps = parts.epoch_steps, parts.total_steps
     state = TrainState()
 
     checkpoint = ray.train.get_checkpoint()
@@ -277,7 +338,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     running = Running()
     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
-    last_loss = float("nan")
     done = state.step >= total_steps
     for epoch in range(state.epoch, cfg.train.epochs):
         if done:
@@ -287,43 +347,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t_wait = time.perf_counter()
         for batch in stream.epoch(epoch, start_batch):
             data_wait += time.perf_counter() - t_wait
-            batch = to_device(batch, device)
-            inputs = objective.model_inputs(batch, generator)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                outputs = model(**inputs)
-            loss, parts = objective.loss(outputs, batch, inputs, raw)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at step {state.step}; lower train.lr")
-            bsz = batch["wave"].shape[0]
+            loss, loss_parts, bsz = train_step(parts, model, raw, batch, cfg.train.grad_clip)
             state.step += 1
             state.batch += 1
             state.samples += bsz * world
             epoch_samples += bsz
             window_samples += bsz
-            running.add({"loss": loss.detach(), **parts})
+            running.add({"loss": loss.detach(), **loss_parts})
             done = state.step >= total_steps
             step_seconds = time.perf_counter() - t_wait
             epoch_time += step_seconds
             state.train_seconds += step_seconds
 
+            if state.step % cfg.train.log_every_steps == 0:
+                values = {f"train/{k}": v for k, v in running.pop().items()}
+                if not math.isfinite(values["train/loss"]):
+                    raise FloatingPointError(f"loss became {values['train/loss']} before step {state.step}; lower train.lr")
             if state.step % cfg.train.log_every_steps == 0 and logger is not None:
                 elapsed = time.perf_counter() - window_start
-                values = {f"train/{k}": v for k, v in running.pop().items()}
-                last_loss = values.get("train/loss", last_loss)
                 values["throughput/samples_per_s"] = window_samples * world / max(elapsed, 1e-9)
                 values["time/data_wait_fraction"] = data_wait / max(elapsed, 1e-9)
                 values["lr"] = scheduler.get_last_lr()[0]
