@@ -200,7 +200,8 @@ class Tracker:
 class RunLogger:
     """Buffered, retrying, non-blocking logging into one run (used by the training processes)."""
 
-    def __init__(self, uri: str, run_id: str, flush_every_s: float = 5.0, max_buffer: int = 100_000, fallback_dir: Optional[Path] = None):
+    def __init__(self, uri: str, run_id: str, flush_every_s: float = 5.0, max_buffer: int = 100_000, fallback_dir: Optional[Path] = None,
+                 connect_now: bool = True):
         self.uri, self.run_id = uri, run_id
         self.flush_every_s = flush_every_s
         self.max_buffer = max_buffer
@@ -216,6 +217,13 @@ class RunLogger:
         self.kept_locally: list[str] = []
         self._warned = False
         self._client = None
+        if connect_now:
+            # Open the store now (SQLAlchemy engine, schema check: about a second of CPU) rather
+            # than in the background thread in the middle of the first training steps.
+            try:
+                self.client.get_run(run_id)
+            except Exception:
+                pass  # down: metrics are buffered and retried
         self._thread = threading.Thread(target=self._run, name="avssl-mlflow", daemon=True)
         self._thread.start()
 

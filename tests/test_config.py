@@ -30,8 +30,8 @@ def test_unknown_field_names_nearest(tmp_path):
 
 def test_invalid_value_names_field_and_allowed_values():
     with pytest.raises(ConfigError) as e:
-        load_config("tiny", ["data.loader=fast"])
-    assert "data.loader" in str(e.value) and "'per_rank'" in str(e.value) and "'ray_data'" in str(e.value)
+        load_config("tiny", ["train.placement_strategy=RANDOM"])
+    assert "train.placement_strategy" in str(e.value) and "'PACK'" in str(e.value) and "'SPREAD'" in str(e.value)
     with pytest.raises(ConfigError, match=r"train.epochs: .*greater than or equal to 1"):
         load_config("tiny", ["train.epochs=0"])
     with pytest.raises(ConfigError, match=r"synth.split"):

@@ -70,7 +70,6 @@ class PrepareConfig(Section):
 
 class DataConfig(Section):
     corpus: str = "data/synth"
-    loader: Literal["per_rank", "ray_data"] = "per_rank"
     batch_size: int = Field(16, ge=1)
     clip_frames: int = Field(0, ge=0, description="random crop length in video frames for pretraining; 0 = whole clip")
     still_frame: Literal["random", "first"] = "random"
