@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from avssl.config.loader import read_yaml_mapping
 from avssl.errors import ConfigError
 
 # Keys and values that look like secrets; a cluster file must read them from the environment.
@@ -72,22 +73,13 @@ def avssl_problems(cfg: dict[str, Any], text: str) -> list[str]:
 
 def check_cluster_file(path: str | Path) -> dict[str, Any]:
     """Ray's validator, then avssl's checks; raises ConfigError listing every problem found."""
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text()
-        cfg = yaml.safe_load(text)
-    except OSError as e:
-        raise ConfigError(f"cannot read cluster file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path} is not a cluster-launcher config (expected a mapping at the top level)")
     import copy
 
     from ray.autoscaler._private.util import prepare_config, validate_config
 
+    path = Path(path)
+    cfg = read_yaml_mapping(path, "cluster-launcher config")
+    text = path.read_text()
     try:
         validate_config(prepare_config(copy.deepcopy(cfg)))
     except BaseException as e:  # jsonschema.ValidationError, ValueError, click's exit on a PANIC

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import matplotlib
 
@@ -39,10 +39,8 @@ def generated_vs_real(real: np.ndarray, generated: np.ndarray, energy: Optional[
     return fig
 
 
-def curves(series: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str = "", x: Optional[Sequence[float]] = None) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for name, ys in series.items():
-        ax.plot(x if x is not None else range(1, len(ys) + 1), ys, marker="o", ms=3, label=name)
+def _line_axes(fig: plt.Figure, ax: Any, xlabel: str, ylabel: str, title: str) -> plt.Figure:
+    """Labels, grid and legend shared by the line plots."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -51,6 +49,13 @@ def curves(series: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: 
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def curves(series: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str = "", x: Optional[Sequence[float]] = None) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, ys in series.items():
+        ax.plot(x if x is not None else range(1, len(ys) + 1), ys, marker="o", ms=3, label=name)
+    return _line_axes(fig, ax, xlabel, ylabel, title)
 
 
 def confusion(cm: np.ndarray, classes: Sequence[str], title: str = "") -> plt.Figure:
@@ -76,14 +81,7 @@ def errorbar_lines(x: Sequence, series: dict[str, tuple[Sequence[float], Sequenc
     for name, (mean, std) in series.items():
         ax.errorbar(range(len(x)), mean, yerr=std, marker="o", ms=3, capsize=2, label=name)
     ax.set_xticks(range(len(x)), [str(v) for v in x])
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _line_axes(fig, ax, xlabel, ylabel, title)
 
 
 def heatmap(values: np.ndarray, rows: Sequence, cols: Sequence, xlabel: str, ylabel: str, title: str = "") -> plt.Figure:

@@ -27,6 +27,17 @@ from avssl.runtime import free_port
 BIN = Path(sys.executable).parent
 
 
+def registered_checkpoint_step(run_dir: Path) -> int:
+    """The newest checkpoint Ray Train's controller has registered (a folder on disk may not be yet)."""
+    import json
+
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
 @dataclass
 class Node:
     name: str

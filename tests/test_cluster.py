@@ -19,7 +19,7 @@ from avssl.cluster import check_cluster_file
 from avssl.errors import ConfigError
 from avssl.runtime import free_port
 from tests.conftest import TINY_TRAIN
-from tests.ray_cluster import BIN, LocalRayCluster
+from tests.ray_cluster import BIN, LocalRayCluster, registered_checkpoint_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -273,14 +273,6 @@ def three_nodes():
         cluster.stop()
 
 
-def _registered_step(run_dir: Path) -> int:
-    try:
-        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        return int(snap["latest_checkpoint_result"]["metrics"]["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1
-
-
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = ""):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -326,7 +318,7 @@ def test_killed_driver_then_killed_node_on_a_three_node_cluster(workdir, synth_c
 
     # 1. Driver killed after a registered checkpoint; the same command resumes.
     driver = _start_driver(cluster, workdir, args, workdir / "driver1.log")
-    step_at_driver_kill = _wait_for(lambda: max(0, _registered_step(run_dir)) >= 2 and _registered_step(run_dir), 240, driver, "a checkpoint")
+    step_at_driver_kill = _wait_for(lambda: max(0, registered_checkpoint_step(run_dir)) >= 2 and registered_checkpoint_step(run_dir), 240, driver, "a checkpoint")
     placed = _wait_for(lambda: len(_workers(run_dir)) == 2 and _workers(run_dir), 60, driver, "both workers")
     assert placed[0]["node_id"] != placed[1]["node_id"], "SPREAD should put the two workers on different nodes"
     import os
@@ -336,9 +328,9 @@ def test_killed_driver_then_killed_node_on_a_three_node_cluster(workdir, synth_c
 
     # 2. Rerun; once it has resumed and checkpointed again, kill a worker node's raylet.
     driver = _start_driver(cluster, workdir, args, workdir / "driver2.log")
-    _wait_for(lambda: _registered_step(run_dir) >= step_at_driver_kill + 4, 240, driver, "a checkpoint after the rerun")
+    _wait_for(lambda: registered_checkpoint_step(run_dir) >= step_at_driver_kill + 4, 240, driver, "a checkpoint after the rerun")
     victim = _node_hosting_a_worker(cluster, _workers(run_dir), exclude="head")
-    step_at_node_kill = _registered_step(run_dir)
+    step_at_node_kill = registered_checkpoint_step(run_dir)
     cluster.kill_node(victim)
     killed_node_id = victim.node_id
     assert driver.wait(timeout=400) == 0, (workdir / "driver2.log").read_text()[-4000:]

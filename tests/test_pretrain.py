@@ -13,6 +13,7 @@ from avssl.errors import DataError, ResourceError
 from avssl.models import load_encoder
 from avssl.train.trainer import pretrain
 from tests.conftest import tiny_cfg
+from tests.ray_cluster import registered_checkpoint_step
 
 pytestmark = pytest.mark.slow
 
@@ -63,23 +64,12 @@ def test_two_workers_on_one_machine(workdir, synth_corpus, ray_local):
     assert client.get_metric_history(r.run_id, "throughput/epoch_samples_per_s")
 
 
-def _registered_checkpoint_step(run_dir: Path) -> int:
-    """The newest checkpoint Ray Train's controller has registered (a folder on disk may not be yet)."""
-    import json
-
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1
-
-
 def _kill_a_worker_after_checkpoint(run_dir: Path, min_step: int, killed: dict) -> None:
     import json
 
     deadline = time.time() + 240
     while time.time() < deadline:
-        step = _registered_checkpoint_step(run_dir)
+        step = registered_checkpoint_step(run_dir)
         record = run_dir / "workers" / "rank0.json"
         if step >= min_step and record.exists():
             pid = json.loads(record.read_text())["pid"]

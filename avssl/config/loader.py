@@ -23,15 +23,16 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (configs, search spaces, cluster files)."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+        raise ConfigError(f"{path}: cannot read {what}: {e.strerror}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must be a mapping of fields, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a {what} must be a mapping of fields, got {type(data).__name__}")
     return data
 
 
@@ -53,7 +54,7 @@ def _load_tree(config: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     key = str(path.resolve())
     if key in seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle: {' -> '.join(seen + (key,))}")
-    data = _read_yaml(path)
+    data = read_yaml_mapping(path)
     base_name = data.pop("extends", None)
     if base_name is None:
         data.setdefault("preset", path.stem if path.parent == PRESET_DIR else data.get("preset", "custom"))

@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from avssl.config.loader import _check_key_path, _format_validation_error, load_config
+from avssl.config.loader import _check_key_path, _format_validation_error, load_config, read_yaml_mapping
 from avssl.config.schema import Config
 from avssl.errors import ConfigError
 
@@ -143,14 +143,7 @@ def _check_distribution(key: str, dist: dict[str, Any]) -> None:
 def load_space(path: Union[str, Path], overrides: list[str] = ()) -> tuple[SearchSpace, Config]:
     """The validated space and its validated base config (base overrides, then CLI overrides)."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read search space ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a search space must be a mapping")
+    raw = read_yaml_mapping(path, "search space")
     try:
         space = SearchSpace.model_validate(raw)
     except ValidationError as e:
