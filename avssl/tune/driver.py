@@ -258,9 +258,6 @@ def run_search(space: SearchSpace, cfg: Config, name: Optional[str] = None, resu
                 tune_config=tune.TuneConfig(
                     metric=space.metric, mode=space.mode, scheduler=scheduler, num_samples=space.num_samples,
                     search_alg=BasicVariantGenerator(max_concurrent=concurrent, random_state=space.seed),
-                    # Keep each trial driver's process (torch, avssl, MLflow store already loaded)
-                    # for the next trial: seconds per trial on small searches.
-                    reuse_actors=True,
                 ),
                 run_config=run_config,
             )
