@@ -74,12 +74,14 @@ def avssl_problems(cfg: dict[str, Any], text: str) -> list[str]:
 def check_cluster_file(path: str | Path) -> dict[str, Any]:
     """Ray's validator, then avssl's checks; raises ConfigError listing every problem found."""
     import copy
+    import logging
 
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     path = Path(path)
     cfg = read_yaml_mapping(path, "cluster-launcher config")
     text = path.read_text()
+    logging.getLogger("ray.autoscaler").setLevel(logging.WARNING)  # its INFO lines are about `ray up`, not this check
     try:
         validate_config(prepare_config(copy.deepcopy(cfg)))
     except BaseException as e:  # jsonschema.ValidationError, ValueError, click's exit on a PANIC

@@ -22,8 +22,6 @@ from typing import Optional
 
 import psutil
 
-from avssl.runtime import free_port
-
 BIN = Path(sys.executable).parent
 
 
@@ -58,8 +56,8 @@ class LocalRayCluster:
         self.root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
         self.token_path = self.root / "auth_token"
         self.token_path.write_text(secrets.token_hex(32))
-        self.port = free_port()
-        self.dashboard_port = free_port()
+        self._used: set[int] = set()
+        self.port, self.dashboard_port = self._port_block(2)
         self.nodes: list[Node] = []
         self.env = {
             **os.environ,
@@ -87,23 +85,46 @@ class LocalRayCluster:
         """Environment of a process that drives work on this cluster (an `avssl` command)."""
         return {**self.env, "RAY_ADDRESS": self.address, "RAY_API_SERVER_ADDRESS": self.dashboard_url, **extra}
 
+    def _port_block(self, n: int) -> list[int]:
+        """n consecutive ports that are free now and given to no other component of this cluster
+        (separately picked free ports can land inside a worker port range)."""
+        import random
+        import socket
+
+        rng = random.Random()
+        for _ in range(200):
+            base = rng.randrange(20000, 60000 - n)
+            block = list(range(base, base + n))
+            if self._used.intersection(block):
+                continue
+            try:
+                for port in block:
+                    with socket.socket() as sock:
+                        sock.bind(("", port))
+            except OSError:
+                continue
+            self._used.update(block)
+            return block
+        raise RuntimeError(f"no block of {n} free ports")
+
     def _ports(self, head: bool) -> list[str]:
-        low = free_port()
+        ports = self._port_block(8)
+        workers = self._port_block(61)
         args = [
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--min-worker-port={low}",
-            f"--max-worker-port={low + 60}",
+            f"--node-manager-port={ports[0]}",
+            f"--object-manager-port={ports[1]}",
+            f"--dashboard-agent-listen-port={ports[2]}",
+            f"--dashboard-agent-grpc-port={ports[3]}",
+            f"--runtime-env-agent-port={ports[4]}",
+            f"--metrics-export-port={ports[5]}",
+            f"--min-worker-port={workers[0]}",
+            f"--max-worker-port={workers[-1]}",
             "--object-store-memory=150000000",
             "--node-ip-address=127.0.0.1",
             "--disable-usage-stats",
         ]
         if head:
-            args += [f"--ray-client-server-port={free_port()}"]
+            args += [f"--ray-client-server-port={ports[6]}"]
         return args
 
     def _start(self, name: str, args: list[str], num_cpus: int, resources: Optional[dict]) -> Node:
