@@ -16,6 +16,7 @@ from avssl.data.constants import FPS, HOP, SAMPLE_RATE  # noqa: F401
 FEATURE_HOP = 160  # 10 ms analysis hop: four per video frame
 PITCH_WINDOW = 1024
 F0_MIN, F0_MAX = 70.0, 400.0
+VOICED = 0.5  # a frame is voiced where the voicing confidence exceeds this; log-F0 counts only there
 
 
 def _import_torchaudio() -> types.ModuleType:
@@ -51,20 +52,19 @@ def _import_torchaudio() -> types.ModuleType:
 torchaudio = _import_torchaudio()
 
 
+# Centred windows padded with zeros (not reflected): a clip's last frames then see the same
+# samples whether the clip stands alone or is zero-padded next to a longer batch mate.
+_STFT = dict(n_fft=400, win_length=400, hop_length=FEATURE_HOP, center=True, pad_mode="constant")
+
+
 @lru_cache(maxsize=8)
 def _mel(n_mels: int) -> torch.nn.Module:
-    return torchaudio.transforms.MelSpectrogram(
-        SAMPLE_RATE, n_fft=400, win_length=400, hop_length=FEATURE_HOP, n_mels=n_mels, center=True
-    )
+    return torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_mels=n_mels, **_STFT)
 
 
 @lru_cache(maxsize=8)
 def _mfcc(n_mfcc: int, n_mels: int) -> torch.nn.Module:
-    return torchaudio.transforms.MFCC(
-        SAMPLE_RATE,
-        n_mfcc=n_mfcc,
-        melkwargs=dict(n_fft=400, win_length=400, hop_length=FEATURE_HOP, n_mels=n_mels, center=True),
-    )
+    return torchaudio.transforms.MFCC(SAMPLE_RATE, n_mfcc=n_mfcc, melkwargs=dict(n_mels=n_mels, **_STFT))
 
 
 def _to_video_rate(feat: torch.Tensor, n_frames: int) -> torch.Tensor:
@@ -88,8 +88,14 @@ def log_mel(wave: torch.Tensor, n_mels: int = 40) -> torch.Tensor:
 
 
 def mfcc(wave: torch.Tensor, n_mfcc: int = 13, n_mels: int = 40) -> torch.Tensor:
-    """[B, S] -> [B, T, n_mfcc]."""
-    feat = _mfcc(n_mfcc, n_mels).to(wave.device)(wave.float())
+    """[B, S] -> [B, T, n_mfcc], each clip on its own.
+
+    torchaudio's `top_db` floor (80 dB below the loudest bin) is taken over the channel
+    dimension too; the waveforms go in as [B, 1, S] so that the floor is per clip and a clip's
+    MFCCs do not depend on its batch mates. Zero padding only lowers bins, so it never moves
+    the floor either.
+    """
+    feat = _mfcc(n_mfcc, n_mels).to(wave.device)(wave.float().unsqueeze(1)).squeeze(1)
     return _to_video_rate(feat, frames_of(wave))
 
 
@@ -105,7 +111,8 @@ def prosody(wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Normalised autocorrelation over a 64 ms window centred on each video frame: the lag of the
     peak gives F0, the peak's height (0..1) gives a voicing confidence. Unvoiced frames carry
-    the log of the lowest F0 so the target stays bounded; the loss weights log-F0 by voicing.
+    the log of the lowest F0 so the target stays bounded; the log-F0 loss and its statistics
+    use only voiced frames (`voicing > VOICED`), the same frames where the target is a real F0.
     """
     b = wave.shape[0]
     t = frames_of(wave)
@@ -125,7 +132,7 @@ def prosody(wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     energy = frame_energy(wave).squeeze(-1)
     voiced = peak.clamp(0.0, 1.0) * (energy > energy.amax(-1, keepdim=True) - 4.0).float()
     f0 = SAMPLE_RATE / (lag + lo).float()
-    log_f0 = torch.where(voiced > 0.5, torch.log(f0), torch.full_like(f0, torch.log(torch.tensor(F0_MIN)).item()))
+    log_f0 = torch.where(voiced > VOICED, torch.log(f0), torch.full_like(f0, torch.log(torch.tensor(F0_MIN)).item()))
     return log_f0.reshape(b, t, 1), voiced.reshape(b, t, 1)
 
 

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 
 from avssl.config.schema import AudioObjectiveConfig
-from avssl.data.features import HOP, attribute_targets
+from avssl.data.features import VOICED, attribute_targets, frames_of
 from avssl.models.heads import length_mask
 from avssl.objectives.base import Objective, masked_mean
 from avssl.objectives.registry import OBJECTIVES
@@ -21,24 +21,34 @@ def attribute_weights(cfg: AudioObjectiveConfig) -> dict[str, float]:
     return {"mfcc": cfg.w_mfcc, "logmel": cfg.w_logmel, "log_f0": cfg.w_log_f0, "voicing": cfg.w_voicing, "energy": cfg.w_energy}
 
 
+def frame_masks(batch: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid, voiced) [B, T] booleans: frames inside each clip's length (`lengths` counts video
+    frames), and those of them that are voiced (the only frames where log-F0 is a real F0)."""
+    wave = batch["wave"]
+    valid = length_mask(batch["lengths"].to(wave.device), frames_of(wave))
+    voiced = valid & (targets["voicing"].squeeze(-1) > VOICED)
+    return valid, voiced
+
+
 @torch.no_grad()
-def fit_target_stats(model: torch.nn.Module, waves: Iterable[torch.Tensor], cfg: AudioObjectiveConfig) -> None:
-    """Set the model's target mean/std buffers from a sample of training audio."""
-    sums: dict[str, list[torch.Tensor]] = {}
-    for wave in waves:
-        targets = attribute_targets(wave.float(), cfg.n_mfcc, cfg.n_mels)
-        voiced = targets["voicing"].squeeze(-1) > 0.5
+def fit_target_stats(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], cfg: AudioObjectiveConfig) -> None:
+    """Set the model's target mean/std buffers from a sample of training batches (dicts with
+    'wave' and 'lengths'). Padding frames are left out; log-F0 counts voiced frames only."""
+    chunks: dict[str, list[torch.Tensor]] = {}
+    for batch in batches:
+        targets = attribute_targets(batch["wave"].float(), cfg.n_mfcc, cfg.n_mels)
+        valid, voiced = frame_masks(batch, targets)
         for name, t in targets.items():
-            flat = t[voiced] if name == "log_f0" else t.reshape(-1, t.shape[-1])
+            if name in UNSTANDARDISED:
+                continue
+            flat = t[voiced if name == "log_f0" else valid]
             if len(flat):
-                sums.setdefault(name, []).append(flat)
-    for name, chunks in sums.items():
-        x = torch.cat(chunks)
+                chunks.setdefault(name, []).append(flat)
+    for name, parts in chunks.items():
+        x = torch.cat(parts)
         mean, std = model.target_stats(name)
-        if name in UNSTANDARDISED:
-            continue
         mean.copy_(x.mean(0))
-        std.copy_(x.std(0).clamp_min(1e-3))
+        std.copy_(x.std(0).clamp_min(1e-3) if len(x) > 1 else torch.ones_like(std))
 
 
 def add_targets(batch: dict[str, torch.Tensor], cfg: AudioObjectiveConfig) -> dict[str, torch.Tensor]:
@@ -56,17 +66,15 @@ def audio_loss(outputs: dict[str, Any], batch: dict[str, torch.Tensor], model: t
         with torch.no_grad(), torch.autocast(wave.device.type, enabled=False):
             targets = attribute_targets(wave.float(), cfg.n_mfcc, cfg.n_mels)
     preds = outputs["attributes"]
-    mask = length_mask(batch["lengths"], wave.shape[1] // HOP)
-    voiced = targets["voicing"]
+    valid, voiced = frame_masks(batch, targets)
     total = wave.new_zeros(())
     parts: dict[str, torch.Tensor] = {}
     for name, weight in attribute_weights(cfg).items():
         mean, std = model.target_stats(name)
         target = (targets[name] - mean) / std
         err = (preds[name].float() - target).pow(2)
-        if name == "log_f0":  # pitch only where there is voicing
-            err = err * voiced
-        loss = masked_mean(err, mask)
+        # Pitch only on voiced frames (a hard mask: elsewhere the target is a placeholder).
+        loss = masked_mean(err, voiced if name == "log_f0" else valid)
         parts[f"loss/audio/{name}"] = loss.detach()
         total = total + weight * loss
     return total, parts
