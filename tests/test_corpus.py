@@ -81,14 +81,48 @@ def test_truncated_shard_is_a_clear_error(tmp_path):
     row = next(r for r in c.rows if r["shard"].endswith("00001.npz"))
     with pytest.raises(DataError, match=r"shard-00001.npz: shard is unreadable or truncated"):
         c.load(row)
+    # Found up front too, without decoding: the size differs from the recorded one.
+    with pytest.raises(DataError, match=r"^/.*/shard-00001.npz: shard is unreadable or truncated \(200 bytes; the corpus recorded \d+\)$"):
+        c.check_shards(c.rows)
+    c.check_shards([r for r in c.rows if r["shard"] != row["shard"]])  # the others are fine
+
+
+def test_shard_check_reads_only_the_zip_directory(tmp_path):
+    root = _corpus(tmp_path)
+    c = Corpus(root)
+    c.check_shards(c.rows)
+    # A shard truncated where no size was recorded (e.g. an older corpus): the zip directory is gone.
+    meta = json.loads((root / "corpus.json").read_text())
+    meta.pop("shards")
+    (root / "corpus.json").write_text(json.dumps(meta))
+    shard = root / "shards" / "shard-00002.npz"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 30])
+    with pytest.raises(DataError, match=r"shard-00002.npz: shard is unreadable or truncated \(BadZipFile"):
+        Corpus(root).check_shards(Corpus(root).rows)
+    # Damage inside an array leaves the directory intact: the check passes, reading it fails.
+    shard.write_bytes(data[:100] + bytes(64) + data[164:])
+    c = Corpus(root)
+    c.check_shards(c.rows)
+    with pytest.raises(DataError, match="shard-00002.npz: shard is unreadable or truncated"):
+        c.load(next(r for r in c.rows if r["shard"].endswith("00002.npz")))
 
 
 def test_missing_shard_is_a_clear_error(tmp_path):
     root = _corpus(tmp_path)
     (root / "shards" / "shard-00000.npz").unlink()
+    (root / "shards" / "shard-00001.npz").write_bytes(b"broken")
     c = Corpus(root)
     with pytest.raises(DataError, match="shard is missing"):
         c.load(c.rows[0])
+    with pytest.raises(DataError) as e:
+        c.check_shards(c.rows)
+    assert str(e.value).splitlines() == [
+        "2 of 3 shards cannot be read:",
+        f"  {root / 'shards' / 'shard-00000.npz'}: shard is missing (was the corpus moved or deleted?)",
+        f"  {root / 'shards' / 'shard-00001.npz'}: shard is unreadable or truncated (6 bytes; the corpus recorded "
+        f"{json.loads((root / 'corpus.json').read_text())['shards']['shards/shard-00001.npz']['bytes']})",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -117,3 +117,52 @@ def test_bad_requests_fail_before_any_compute(workdir, synth_corpus, tmp_path, r
         w.add(_clip(i, frames=False))
     with pytest.raises(DataError, match="needs video frames; .* is audio-only"):
         pretrain(tiny_cfg(workdir, w.finish(), "objective.name=av"))
+
+
+def _damaged_copy(corpus, tmp_path, how: str):
+    """A copy of the corpus whose first training shard is truncated, or damaged inside an array
+    (same size, zip directory intact: only reading the shard finds it)."""
+    import shutil
+
+    from avssl.data.corpus import Corpus
+
+    copy = tmp_path / f"damaged-{how}"
+    shutil.copytree(corpus, copy)
+    shard = copy / sorted({r["shard"] for r in Corpus(copy).select("train")})[0]
+    data = shard.read_bytes()
+    mid = len(data) // 2
+    shard.write_bytes(data[:mid] if how == "truncated" else data[:mid] + bytes(256) + data[mid + 256 :])
+    return copy, shard.resolve()
+
+
+def test_a_truncated_shard_fails_once_before_any_compute(workdir, synth_corpus, tmp_path, capfd):
+    copy, shard = _damaged_copy(synth_corpus, tmp_path, "truncated")
+    t0 = time.perf_counter()
+    with pytest.raises(DataError) as e:
+        pretrain(tiny_cfg(workdir, copy, "objective.name=audio", "run_name=truncated", "train.max_failures=2"))
+    seconds = time.perf_counter() - t0
+    assert str(e.value).startswith(f"{shard}: shard is unreadable or truncated"), str(e.value)
+    assert seconds < 5, f"{seconds:.1f} s: the shard check should come before Ray Train starts"
+    out = capfd.readouterr()
+    assert (out.out + out.err + str(e.value)).count(str(shard)) == 1  # one message, no retried tracebacks
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert not client.search_runs([x.experiment_id for x in client.search_experiments()], "tags.`avssl.run_name` = 'truncated'")
+
+
+def test_a_data_error_in_a_worker_is_not_retried(workdir, synth_corpus, tmp_path, ray_local):
+    """Damage that only reading finds: the worker's DataError stops the run at the first attempt,
+    whatever train.max_failures allows (a retry would start another RayTrainWorker)."""
+    from ray.util.state import list_actors
+
+    def train_workers() -> int:
+        return len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10000, raise_on_missing_output=False))
+
+    copy, shard = _damaged_copy(synth_corpus, tmp_path, "inside")
+    before = train_workers()
+    with pytest.raises(DataError) as e:
+        pretrain(tiny_cfg(workdir, copy, "objective.name=audio", "run_name=damaged", "train.max_failures=2", "train.probe.enabled=false"))
+    assert str(e.value).startswith(f"pretraining 'damaged' stopped on a data error: {shard}: shard is unreadable"), str(e.value)
+    assert train_workers() == before + 1, "the worker group was restarted after a data error"
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    run = client.search_runs([x.experiment_id for x in client.search_experiments()], "tags.`avssl.run_name` = 'damaged'")[0]
+    assert run.info.status == "FAILED"

@@ -147,6 +147,26 @@ class ShardReader:
         return self.arrays[key][a:b]
 
 
+SHARD_ARRAYS = ("clip_ids.npy", "audio.npy", "audio_offsets.npy", "n_frames.npy")
+
+
+def _shard_problem(path: Path, size: Optional[int]) -> Optional[str]:
+    """What is wrong with a shard file, found without decoding it; None if nothing."""
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        return "shard is missing (was the corpus moved or deleted?)"
+    if size is not None and actual != size:
+        return f"shard is unreadable or truncated ({actual} bytes; the corpus recorded {size})"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        return f"shard is unreadable or truncated ({type(e).__name__}: {e})"
+    missing = [a for a in SHARD_ARRAYS if a not in names]
+    return f"shard is unreadable (it lacks {', '.join(missing)})" if missing else None
+
+
 class ShardCache:
     """A few decoded shards per process: workers stream shards in order, so a small LRU suffices."""
 
@@ -293,6 +313,25 @@ class Corpus:
             labels=labels,
             frame_labels=frame_labels,
         )
+
+    def check_shards(self, rows: Iterable[dict[str, Any]]) -> None:
+        """A cheap check, before any compute, of the shards holding these rows: each exists, has
+        the size the corpus recorded, and a readable zip directory listing a shard's arrays. A
+        missing or truncated shard is then one clear error up front: data errors are
+        deterministic, so retrying a worker cannot help. (Damage inside an array that leaves the
+        directory intact still surfaces when the shard is read.)"""
+        from concurrent.futures import ThreadPoolExecutor
+
+        recorded = self.meta.get("shards") or {}
+        rels = sorted({r["shard"] for r in rows})
+        with ThreadPoolExecutor(8) as pool:  # stat + directory read: latency-bound on network storage
+            problems = list(pool.map(lambda rel: _shard_problem(self.root / rel, (recorded.get(rel) or {}).get("bytes")), rels))
+        bad = [f"{self.root / rel}: {p}" for rel, p in zip(rels, problems) if p]
+        if len(bad) == 1:
+            raise DataError(bad[0])
+        if bad:
+            more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise DataError(f"{len(bad)} of {len(rels)} shards cannot be read:\n  " + "\n  ".join(bad[:10]) + more)
 
     def summary(self) -> dict[str, Any]:
         per_split = {s: sum(1 for r in self.rows if r["split"] == s) for s in SPLITS}

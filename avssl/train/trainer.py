@@ -45,6 +45,40 @@ def run_tags(cfg: Config, corpus: Corpus) -> dict[str, str]:
     }
 
 
+def data_error_of(error: BaseException) -> Optional[DataError]:
+    """The `DataError` behind a failed `fit()` (raised on a worker, or stopped on by the
+    controller through `StopOnDataError`), if that is what it was."""
+    seen: set[int] = set()
+    stack = [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DataError):
+            return e
+        stack.extend([getattr(e, "controller_failure", None), e.__cause__, e.__context__])
+        stack.extend((getattr(e, "worker_failures", None) or {}).values())
+    return None
+
+
+def _stop_on_data_error_callback():
+    from ray.train import UserCallback
+
+    class StopOnDataError(UserCallback):
+        """Data errors are deterministic: a worker that raised `DataError` fails the run at once.
+
+        Ray Train's failure policy retries any worker error up to `max_failures` times; an error
+        raised from this controller hook is a controller error, which it does not retry."""
+
+        def after_exception(self, run_context, worker_exceptions):
+            for rank in sorted(worker_exceptions):
+                if isinstance(worker_exceptions[rank], DataError):
+                    raise worker_exceptions[rank]
+
+    return StopOnDataError()
+
+
 def build_trainer(cfg: Config, loop_config: dict[str, Any], callbacks: Optional[list] = None):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -70,7 +104,7 @@ def build_trainer(cfg: Config, loop_config: dict[str, Any], callbacks: Optional[
             storage_path=cfg.train.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="loss", checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=callbacks or [],
+            callbacks=[*(callbacks or []), _stop_on_data_error_callback()],
             logging_config=LoggingConfig(log_level=cfg.train.log_level),
         ),
     )
@@ -83,6 +117,7 @@ def prepare_run(cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Op
     objective = build_objective(cfg.objective)
     if objective.visual and not corpus.has_video:
         raise DataError(f"objective '{cfg.objective.name}' needs video frames; corpus {corpus.root} is audio-only (use objective.name=audio)")
+    corpus.check_shards(corpus.select("train") + corpus.select("val"))  # the splits pretraining reads
     if not cfg.run_name:
         cfg = cfg.model_copy(update={"run_name": f"{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"})
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)
@@ -114,6 +149,9 @@ def pretrain(cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Optio
             tracker.end_run(run_id, "FAILED")
         except Exception:  # the tracking server is down too; the error below matters more
             pass
+        data_error = data_error_of(e)
+        if data_error is not None:  # deterministic: rerunning cannot help, the data must be fixed
+            raise DataError(f"pretraining '{cfg.run_name}' stopped on a data error: {data_error}") from None
         cause = getattr(e, "__cause__", None) or e
         raise AvsslError(f"pretraining '{cfg.run_name}' failed: {type(cause).__name__}: {cause}\n"
                          f"checkpoints written so far are kept in {run_dir}; rerun the same command to resume") from None
