@@ -19,13 +19,19 @@ from avssl.tracking import Tracker, mlflow_ui_hint
 OBJECTIVES = ("visual", "audio", "av")
 
 
-def _corpus_matches(cfg: Config) -> bool:
-    meta = Path(cfg.synth.out) / "corpus.json"
+def _corpus_matches(synth, seed: int) -> bool:
+    meta = Path(synth.out) / "corpus.json"
     if not meta.is_file():
         return False
     gen = json.loads(meta.read_text()).get("generator", {})
-    wanted = {"seed": cfg.seed, **cfg.synth.model_dump(mode="json")}
-    return all(gen.get(k) == v for k, v in wanted.items() if k not in ("workers", "baseline", "out"))
+    wanted = {"seed": seed, **synth.model_dump(mode="json")}
+    return all(gen.get(k) == v for k, v in wanted.items() if k not in ("workers", "baseline", "out", "corpora"))
+
+
+def _protocol_matches(cfg: Config) -> bool:
+    from avssl.data.synthetic.generator import protocol_corpora
+
+    return all(_corpus_matches(one, cfg.seed) for _, one in protocol_corpora(cfg.synth))
 
 
 def _step(title: str) -> float:
@@ -34,27 +40,33 @@ def _step(title: str) -> float:
 
 
 def quickstart_command(cfg: Config, skip_tune: bool = False) -> int:
-    from avssl.data.corpus import Corpus
     from avssl.data.pipeline import synth_command
     from avssl.evaluate.report import build_report
     from avssl.evaluate.runner import EvalJob, TaskDataCache, format_row
-    from avssl.evaluate.sources import resolve_source
+    from avssl.evaluate.sources import resolve_sources
     from avssl.evaluate.studies import plan_datasize_study, plan_noise_study, run_studies
     from avssl.train.trainer import pretrain_many
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"corpus": cfg.synth.out})})
+    if not cfg.synth.protocol:
+        from avssl.errors import ConfigError
+
+        raise ConfigError("the quick start runs the offline protocol: synth.protocol must be true")
+    root = Path(cfg.synth.out)
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.corpus = str(root / "pool")
+    cfg.evaluate.corpora = {**cfg.evaluate.corpora, **{t: str(root / t) for t in ("emotion", "word", "affect") if getattr(cfg.synth.corpora, t).enabled}}
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)
 
-    t = _step("1/5 synthetic corpus")
-    if _corpus_matches(cfg):
+    t = _step("1/5 synthetic corpora: an unlabelled pretraining pool and one labelled corpus per task, speakers disjoint")
+    if _protocol_matches(cfg):
         print(f"reusing {cfg.synth.out} (same generator settings)")
     else:
         synth_command(cfg, overwrite=True)
     timings["synth"] = time.perf_counter() - t
 
-    t = _step("2/5 pretraining: visual, audio and audio-visual objectives (Ray Train, run side by side)")
+    t = _step("2/5 pretraining on the pool: visual, audio and audio-visual objectives (Ray Train, run side by side)")
     run_cfgs = [
         cfg.model_copy(update={"run_name": f"{cfg.preset}-{objective}", "objective": cfg.objective.model_copy(update={"name": objective})})
         for objective in OBJECTIVES
@@ -67,15 +79,15 @@ def quickstart_command(cfg: Config, skip_tune: bool = False) -> int:
     encoders = dict(zip(OBJECTIVES, pretrain_many(run_cfgs, on_done=done)))
     timings["pretrain"] = time.perf_counter() - t
 
-    methods = [encoders[o].run_id for o in OBJECTIVES] + ["scratch", "mfcc"]
-    cache = TaskDataCache(Corpus(cfg.data.corpus))
+    methods = [encoders[o].run_id for o in OBJECTIVES] + ["scratch", "mfcc", "logmel"]
+    cache = TaskDataCache(cfg)
 
-    t = _step("3/5 evaluation: emotion (with the noise study), word, affect; dataset-size study")
+    t = _step("3/5 evaluation on the downstream corpora: emotion (with the noise study), word, affect; dataset-size study")
     # Every evaluation job goes out in one batch of Ray tasks: the cores stay busy to the end.
     noise_cfg = cfg.model_copy(update={"study": cfg.study.model_copy(update={"methods": methods, "task": "emotion"})})
-    size_cfg = cfg.model_copy(update={"study": cfg.study.model_copy(update={"methods": [encoders["av"].run_id, "scratch", "mfcc"], "task": "emotion"})})
-    plans = [plan_noise_study(noise_cfg, tracker, cache.corpus), plan_datasize_study(size_cfg, tracker, cache.corpus)]
-    sources = [resolve_source(m, cfg, tracker, cfg.seed) for m in methods]
+    size_cfg = cfg.model_copy(update={"study": cfg.study.model_copy(update={"methods": [encoders["av"].run_id, encoders["audio"].run_id, "scratch", "mfcc"], "task": "emotion"})})
+    plans = [plan_noise_study(noise_cfg, tracker, cache), plan_datasize_study(size_cfg, tracker, cache)]
+    sources = resolve_sources(methods, cfg, tracker, cfg.seed)
     extra = [EvalJob(source, task) for task in cfg.evaluate.tasks if task != "emotion" for source in sources]
     (noise, _), others = run_studies(plans, cfg, tracker, cache, extra_jobs=tuple(extra))
     for s in others:

@@ -169,7 +169,13 @@ class Tracker:
             self.client.set_tag(run_id, k, str(v))
 
     def log_figure(self, run_id: str, figure: Any, path: str) -> None:
-        self.client.log_figure(run_id, figure, path)
+        """Log a matplotlib figure and close it (a long study draws hundreds)."""
+        import matplotlib.pyplot as plt
+
+        try:
+            self.client.log_figure(run_id, figure, path)
+        finally:
+            plt.close(figure)
 
     def log_artifact(self, run_id: str, local: Path, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifact(run_id, str(local), artifact_path)

@@ -84,6 +84,8 @@ def tiny_cfg(workdir: Path, corpus: Path, *extra: str):
         TINY_TRAIN
         + [
             f"data.corpus={corpus}",
+            *(f"evaluate.corpora.{task}={corpus}" for task in ("emotion", "word", "affect")),
+            "study.noise.babble_talkers=2",
             f"train.storage_path={workdir / 'runs'}",
             f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
         ]

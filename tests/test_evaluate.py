@@ -15,9 +15,7 @@ from tests.conftest import tiny_cfg
 def setup(workdir, synth_corpus):
     cfg = tiny_cfg(workdir, synth_corpus, "evaluate.seeds=[0,1]", "evaluate.epochs=3")
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
-    from avssl.data.corpus import Corpus
-
-    return cfg, tracker, TaskDataCache(Corpus(synth_corpus))
+    return cfg, tracker, TaskDataCache(cfg)
 
 
 @pytest.mark.parametrize("task", ["emotion", "word", "affect"])
@@ -35,13 +33,45 @@ def test_each_task_is_one_mlflow_run_with_seeds(setup, task):
         assert "test/ccc_arousal_frames_mean" in run.data.metrics  # per-frame sequences scored too
 
 
-def test_scratch_trains_the_encoder_and_frozen_sources_do_not(setup):
+def test_scratch_trains_the_encoder_and_frozen_sources_do_not(setup, tmp_path):
+    import torch
+
+    from avssl.evaluate.downstream import HeadTrainer
+    from avssl.models import build_audio_encoder, save_encoder
+
     cfg, tracker, cache = setup
+    data = cache.get("emotion")
     scratch = resolve_source("scratch", cfg, seed=0)
     before = {k: v.clone() for k, v in scratch.module.state_dict().items()}
-    evaluate_source(scratch, "emotion", cfg, tracker, cache)
-    assert all((before[k] == v).all() for k, v in scratch.module.state_dict().items()), "seeds must train copies"
-    assert scratch.trainable and not resolve_source("mfcc", cfg).trainable
+    trained = []
+    fresh = scratch.factory
+    scratch.factory = lambda s: trained.append(fresh(s)) or trained[-1]
+    HeadTrainer(scratch, data, cfg.evaluate).fit(0)
+    init = fresh(0).state_dict()
+    changed = [k for k, v in trained[0].state_dict().items() if v.is_floating_point() and not torch.equal(v, init[k])]
+    assert any("weight" in k for k in changed), "the scratch encoder must learn with its head"
+    assert all(torch.equal(before[k], v) for k, v in scratch.module.state_dict().items()), "seeds must train copies"
+
+    path = save_encoder(build_audio_encoder(cfg.model.audio_encoder), cfg.model.audio_encoder, tmp_path / "enc.pt")
+    frozen = resolve_source(str(path), cfg)
+    before = {k: v.clone() for k, v in frozen.module.state_dict().items()}
+    HeadTrainer(frozen, data, cfg.evaluate).fit(0)
+    assert not frozen.trainable and all(torch.equal(before[k], v) for k, v in frozen.module.state_dict().items())
+
+
+def test_scratch_takes_the_compared_encoders_architecture(setup, tmp_path):
+    from avssl.errors import ConfigError
+    from avssl.evaluate.sources import resolve_sources
+    from avssl.models import build_audio_encoder, save_encoder
+
+    cfg, _, _ = setup
+    wide = cfg.model.audio_encoder.model_copy(update={"code_dim": 24, "gru_hidden": 20})
+    a = save_encoder(build_audio_encoder(wide), wide, tmp_path / "a.pt")
+    pre, scratch = resolve_sources([str(a), "scratch"], cfg)
+    assert scratch.encoder_config == wide and scratch.dim == 20 and cfg.model.audio_encoder.gru_hidden != 20
+    b = save_encoder(build_audio_encoder(cfg.model.audio_encoder), cfg.model.audio_encoder, tmp_path / "b.pt")
+    with pytest.raises(ConfigError, match="different architectures"):
+        resolve_sources([str(a), str(b), "scratch"], cfg)
 
 
 def test_studies_and_report_read_from_mlflow(setup):

@@ -2,12 +2,10 @@
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.metrics import confusion_matrix as sk_confusion
 
 from avssl.evaluate.metrics import accuracy, ccc, confusion_matrix, unweighted_average_recall
-from avssl.evaluate.noise import mix
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -44,19 +42,3 @@ def test_ccc_properties():
     assert ccc(x, -x) == pytest.approx(-1.0)
     assert ccc(x, x + 1.0) < 1.0  # a shift is penalised, unlike Pearson
     assert np.isnan(ccc([1.0], [1.0]))
-
-
-@pytest.mark.parametrize("kind", ["white", "babble"])
-@pytest.mark.parametrize("snr", [20.0, 5.0, 0.0])
-def test_noise_is_added_at_the_requested_snr(kind, snr):
-    g = torch.Generator().manual_seed(0)
-    t = torch.arange(16000) / 16000
-    wave = (0.1 * torch.sin(2 * np.pi * 220 * t)).repeat(3, 1)
-    pool = torch.randn(8, 16000, generator=g) * 0.05
-    noisy = mix(wave, (kind, snr), torch.Generator().manual_seed(1), pool, talkers=4)
-    noise = noisy - wave
-    measured = 10 * torch.log10(wave.pow(2).sum(1) / noise.pow(2).sum(1))
-    assert torch.allclose(measured, torch.full((3,), snr), atol=0.01)
-    again = mix(wave, (kind, snr), torch.Generator().manual_seed(1), pool, talkers=4)
-    assert torch.equal(noisy, again)  # every method hears the same noise
-    assert torch.equal(mix(wave, ("clean", None), g), wave)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -16,7 +17,8 @@ from avssl.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 # Fields holding filesystem paths: made absolute at load so Ray workers (other cwd) agree.
-PATH_FIELDS = ("synth.out", "data.corpus", "train.storage_path", "report.out", "tracking.artifact_root")
+PATH_FIELDS = ("synth.out", "data.corpus", "train.storage_path", "train.probe.corpus", "report.out", "tracking.artifact_root")
+PATH_MAPPINGS = ("evaluate.corpora",)  # mappings whose values are paths
 
 
 def preset_names() -> list[str]:
@@ -86,6 +88,10 @@ def _submodel(model: type[BaseModel], name: str) -> Optional[type[BaseModel]]:
     return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
 
 
+def _is_mapping(model: type[BaseModel], name: str) -> bool:
+    return typing.get_origin(model.model_fields[name].annotation) is dict
+
+
 def _check_key_path(parts: list[str], raw: str) -> None:
     """Fail on an unknown dotted key, naming the nearest valid field."""
     model: Optional[type[BaseModel]] = Config
@@ -100,6 +106,10 @@ def _check_key_path(parts: list[str], raw: str) -> None:
             close = difflib.get_close_matches(part, names, n=1)
             hint = f"; did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else ""
             raise ConfigError(f"override '{raw}': {where} has no field '{part}'{hint} fields: {', '.join(names)}")
+        if _is_mapping(model, part):  # a mapping (e.g. evaluate.corpora): any one key below it
+            if len(parts) > i + 2:
+                raise ConfigError(f"override '{raw}': '{'.'.join(parts[: i + 2])}' is a value, not a section")
+            return
         model = _submodel(model, part)
 
 
@@ -161,6 +171,13 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
         if value is None or "://" in str(value):
             continue
         setattr(node, leaf, str((base / os.path.expanduser(value)).resolve()))
+    for dotted in PATH_MAPPINGS:
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for p in parents:
+            node = getattr(node, p)
+        mapping = getattr(node, leaf)
+        setattr(node, leaf, {k: v if "://" in str(v) else str((base / os.path.expanduser(v)).resolve()) for k, v in mapping.items()})
 
 
 def _check_registered_names(cfg: Config) -> None:
@@ -179,6 +196,7 @@ def _check_registered_names(cfg: Config) -> None:
         ("study.task", TASKS, cfg.study.task),
     ]
     checks += [(f"evaluate.tasks[{i}]", TASKS, t) for i, t in enumerate(cfg.evaluate.tasks)]
+    checks += [(f"evaluate.corpora.{t}", TASKS, t) for t in cfg.evaluate.corpora]
     problems = [f"  {field}: {reg.unknown_message(value)}" for field, reg, value in checks if value not in reg]
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
@@ -193,7 +211,9 @@ def load_config(
     """Build the validated config: defaults <- preset/file (with `extends`) <- overrides."""
     overrides = list(overrides)
     tree = _load_tree(config) if config else _load_tree("tiny")
-    tree = apply_overrides(tree, overrides)
+    # On top of the defaults: overriding one field of a nested default (synth.corpora.pool.speakers)
+    # keeps that default's other fields.
+    tree = apply_overrides(deep_merge(Config().model_dump(mode="json"), tree), overrides)
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as e:

@@ -15,12 +15,65 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+VOCABULARY_NAMES = Literal["minimal_pairs", "digits", "commands", "broad"]
+SPLIT3 = tuple[float, float, float]
+
+
+def _check_split(v: SPLIT3) -> SPLIT3:
+    if abs(sum(v) - 1.0) > 1e-6 or min(v) <= 0:
+        raise ValueError("train/val/test fractions must be positive and sum to 1")
+    return v
+
+
+class SynthCorpusSpec(Section):
+    """One corpus of the offline protocol: its speakers are its own (voice, prosody and face are drawn
+    from a global speaker index no other corpus of the protocol uses)."""
+
+    enabled: bool = True
+    speakers: int = Field(12, ge=3)
+    clips_per_speaker: int = Field(48, ge=1)
+    vocabulary: VOCABULARY_NAMES = "minimal_pairs"
+    labelled: bool = Field(True, description="false: store no task labels (an unlabelled pretraining pool)")
+    video: bool = Field(False, description="draw the talking face (the pool needs it for visual self-supervision; downstream tasks read audio)")
+    split: SPLIT3 = (0.6, 0.2, 0.2)
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: SPLIT3) -> SPLIT3:
+        return _check_split(v)
+
+
+class SynthCorporaConfig(Section):
+    """The offline form of the protocol: an unlabelled pool to pretrain on and one labelled corpus per
+    downstream task (CREMA-D-, Speech-Commands- and SEWA-like), with speakers that appear nowhere else."""
+
+    pool: SynthCorpusSpec = SynthCorpusSpec(
+        speakers=40, clips_per_speaker=100, vocabulary="broad", labelled=False, video=True, split=(0.9, 0.05, 0.05)
+    )
+    emotion: SynthCorpusSpec = SynthCorpusSpec(speakers=12, clips_per_speaker=48, vocabulary="minimal_pairs")
+    word: SynthCorpusSpec = SynthCorpusSpec(speakers=12, clips_per_speaker=48, vocabulary="commands")
+    affect: SynthCorpusSpec = SynthCorpusSpec(speakers=12, clips_per_speaker=32, vocabulary="minimal_pairs")
+
+    def items(self) -> list[tuple[str, SynthCorpusSpec]]:
+        return [(name, getattr(self, name)) for name in type(self).model_fields]
+
+
 class SynthConfig(Section):
-    """The built-in synthetic talking-face corpus (the offline default)."""
+    """The built-in synthetic talking-face corpus (the offline default).
+
+    With `protocol` on (the default) `avssl synth` writes the protocol's corpora under `out`
+    (`out/pool`, `out/emotion`, `out/word`, `out/affect`, sized by `corpora.*`); off, it writes one
+    corpus to `out` sized by the fields below."""
 
     out: str = "data/synth"
-    speakers: int = Field(20, ge=3, description="voices; split speaker-independently")
+    protocol: bool = Field(True, description="write the pool + downstream corpora under `out` (false: one corpus at `out`)")
+    corpora: SynthCorporaConfig = SynthCorporaConfig()
+    name: str = Field("synthetic", description="corpus name in tables and MLflow (single-corpus mode)")
+    speakers: int = Field(20, ge=3, description="voices; split speaker-independently (single-corpus mode)")
     clips_per_speaker: int = Field(48, ge=1)
+    speaker_offset: int = Field(0, ge=0, description="first global speaker index; corpora with disjoint ranges share no speaker")
+    labelled: bool = Field(True, description="false: store no task labels")
+    video: bool = Field(True, description="draw the talking face (false: an audio-only corpus)")
     clip_seconds: float = Field(1.6, gt=0.4, le=10.0)
     frame_size: int = Field(64, ge=32, le=256, description="square grayscale frames")
     emotion_strength: float = Field(1.0, ge=0.0, le=2.0, description="scales emotion prosody and face offsets")
@@ -29,11 +82,11 @@ class SynthConfig(Section):
     loudness_range_db: float = Field(6.0, ge=0.0, le=30.0, description="random level around -26 dBFS when normalising")
     snr_db: Optional[float] = Field(20.0, description="additive noise at this SNR; null for clean audio")
     noise: Literal["white", "pink"] = "pink"
-    vocabulary: Literal["minimal_pairs", "digits"] = "minimal_pairs"
+    vocabulary: VOCABULARY_NAMES = "minimal_pairs"
     head_motion: float = Field(
         1.0, ge=0.0, le=4.0, description="scale of head drift and offset within a clip (0 = perfectly aligned faces)"
     )
-    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    split: SPLIT3 = (0.6, 0.2, 0.2)
     shard_size: int = Field(64, ge=1)
     workers: int = Field(0, ge=0, description="processes; 0 = all CPUs")
     export_media: bool = Field(False, description="also write wav/mp4 files next to the shards")
@@ -41,10 +94,8 @@ class SynthConfig(Section):
 
     @field_validator("split")
     @classmethod
-    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        if abs(sum(v) - 1.0) > 1e-6 or min(v) <= 0:
-            raise ValueError("train/val/test fractions must be positive and sum to 1")
-        return v
+    def _split_sums_to_one(cls, v: SPLIT3) -> SPLIT3:
+        return _check_split(v)
 
 
 class PrepareConfig(Section):
@@ -69,7 +120,7 @@ class PrepareConfig(Section):
 
 
 class DataConfig(Section):
-    corpus: str = "data/synth"
+    corpus: str = Field("data/synth/pool", description="the pretraining corpus (its labels are never used to pretrain)")
     batch_size: int = Field(16, ge=1)
     clip_frames: int = Field(0, ge=0, description="random crop length in video frames for pretraining; 0 = whole clip")
     still_frame: Literal["random", "first"] = "random"
@@ -152,6 +203,7 @@ class ProbeConfig(Section):
 
     enabled: bool = True
     task: str = "emotion"
+    corpus: Optional[str] = Field(None, description="labelled corpus the probe fits and scores on; null = evaluate.corpora[task]")
     max_clips: int = Field(400, ge=10)
 
 
@@ -198,14 +250,35 @@ class TrackingConfig(Section):
 class EvaluateConfig(Section):
     encoder: Optional[str] = Field(None, description="MLflow run id, checkpoint path, or baseline: scratch, mfcc, logmel")
     tasks: list[str] = ["emotion"]
+    corpora: dict[str, str] = Field(
+        {"emotion": "data/synth/emotion", "word": "data/synth/word", "affect": "data/synth/affect"},
+        description="the labelled corpus of each downstream task (task name -> prepared corpus folder)",
+    )
     head: Literal["gru", "pool"] = "gru"
+    layer: str = Field(
+        "last",
+        description="what the head reads from a pretrained or scratch encoder: last (top GRU layer), code (the conv "
+        "code), gru1..gruN (one GRU layer), concat (all layers side by side), weighted (a learned softmax-weighted sum "
+        "of the layers, as s3prl's featurizer)",
+    )
     finetune: bool = False
     epochs: int = Field(30, ge=1)
     patience: int = Field(6, ge=1)
-    lr: float = Field(3e-3, gt=0.0)
+    lr: float = Field(3e-3, gt=0.0, description="head learning rate (and the scratch encoder's, which starts from random)")
+    encoder_lr: float = Field(1e-4, gt=0.0, description="learning rate of a fine-tuned pretrained encoder")
+
+    @field_validator("layer")
+    @classmethod
+    def _known_layer(cls, v: str) -> str:
+        import re
+
+        if v not in ("last", "code", "concat", "weighted") and not re.fullmatch(r"gru[1-9]\d*", v):
+            raise ValueError("layer must be one of last, code, gru1..gruN, concat, weighted")
+        return v
+    frozen_warmup_epochs: int = Field(0, ge=0, description="fine-tuning: epochs that train the head alone before the encoder joins")
     batch_size: int = Field(32, ge=1)
     hidden: int = Field(64, ge=1)
-    seeds: list[int] = [0, 1, 2]
+    seeds: list[int] = Field([0, 1, 2, 3, 4], min_length=1)
     label_fraction: float = Field(1.0, gt=0.0, le=1.0)
     parallel: bool = Field(True, description="run evaluation jobs as Ray tasks (all cores; any node of a cluster)")
 
@@ -254,3 +327,19 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     study: StudyConfig = StudyConfig()
     report: ReportConfig = ReportConfig()
+
+
+def task_corpus(cfg: Config, task: str) -> str:
+    """The labelled corpus a downstream task is evaluated on (`evaluate.corpora[task]`)."""
+    from avssl.errors import ConfigError
+
+    path = cfg.evaluate.corpora.get(task)
+    if not path:
+        known = ", ".join(f"{k}={v}" for k, v in cfg.evaluate.corpora.items()) or "none"
+        raise ConfigError(f"evaluate.corpora has no corpus for task '{task}' (set evaluate.corpora.{task}=PATH; configured: {known})")
+    return path
+
+
+def probe_corpus(cfg: Config) -> str:
+    """The labelled corpus of the pretraining probe: `train.probe.corpus`, else the probe task's corpus."""
+    return cfg.train.probe.corpus or task_corpus(cfg, cfg.train.probe.task)

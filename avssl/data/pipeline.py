@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from avssl.config.schema import Config
+from avssl.config.schema import Config, SynthConfig
 from avssl.data.corpus import CORPUS_META, Corpus, atomic_write_bytes
 from avssl.data.summary import format_summary, mfcc_baseline
 
@@ -22,11 +22,26 @@ def summarise(root: str | Path, baseline: bool, seed: int = 0) -> dict[str, Any]
 
 
 def synth_command(cfg: Config, overwrite: bool = False) -> int:
+    """`avssl synth`: the protocol's corpora under synth.out (pool + one per downstream task), or one corpus."""
+    if not cfg.synth.protocol:
+        return synth_one(cfg, cfg.synth, overwrite)
+    from avssl.data.synthetic.generator import protocol_corpora
+
+    corpora = protocol_corpora(cfg.synth)
+    print(f"synth: the offline protocol under {cfg.synth.out}: " + ", ".join(
+        f"{name} ({c.speakers} speakers{'' if c.labelled else ', unlabelled'})" for name, c in corpora))
+    for name, one in corpora:
+        print(f"\n--- {name} ---")
+        synth_one(cfg, one, overwrite)
+    return 0
+
+
+def synth_one(cfg: Config, synth: SynthConfig, overwrite: bool = False) -> int:
     from avssl.data.synthetic.generator import contact_sheet, generate
 
-    print(f"synth: {cfg.synth.speakers} speakers x {cfg.synth.clips_per_speaker} clips of {cfg.synth.clip_seconds} s -> {cfg.synth.out}")
-    stats = generate(cfg.synth, cfg.seed, overwrite=overwrite)
-    summary = summarise(stats["out"], cfg.synth.baseline, cfg.seed)
+    print(f"synth: {synth.speakers} speakers x {synth.clips_per_speaker} clips of {synth.clip_seconds} s -> {synth.out}")
+    stats = generate(synth, cfg.seed, overwrite=overwrite)
+    summary = summarise(stats["out"], synth.baseline and synth.labelled, cfg.seed)
     summary["generation"] = stats
     meta_path = Path(stats["out"]) / CORPUS_META
     meta = json.loads(meta_path.read_text())

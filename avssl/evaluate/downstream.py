@@ -17,15 +17,17 @@ import numpy as np
 import torch
 
 from avssl.config.schema import EvaluateConfig
+from avssl.data.constants import HOP
 from avssl.data.corpus import Corpus
 from avssl.data.loader import collate
 from avssl.evaluate.metrics import confusion_matrix
-from avssl.evaluate.noise import Condition, condition_name, mix
+from avssl.evaluate.noise import BabblePool, Condition, condition_name, mix
 from avssl.evaluate.sources import FeatureSource
 from avssl.evaluate.tasks.base import Task
 from avssl.models.heads import DownstreamHead, length_mask
 
 CLEAN: Condition = ("clean", None)
+
 
 
 @dataclass
@@ -38,6 +40,14 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def clip_ids(self) -> list[str]:
+        return [r["clip_id"] for r in self.rows]
+
+    @property
+    def speakers(self) -> list[str]:
+        return [str(r["speaker"]) for r in self.rows]
+
     def subset(self, idx: np.ndarray) -> "SplitData":
         ft = [self.frame_targets[i] for i in idx] if self.frame_targets is not None else None
         return SplitData([self.rows[i] for i in idx], [self.waves[i] for i in idx], self.targets[idx], ft)
@@ -49,11 +59,22 @@ class TaskData:
     train: SplitData
     val: SplitData
     test: SplitData
-    babble_pool: Optional[torch.Tensor] = None
+    babble_pool: Optional[BabblePool] = None
+    babble_talkers: int = 4
+    corpus_name: str = ""
+    corpus_path: str = ""
     cache: dict[tuple[str, str, str], list[torch.Tensor]] = field(default_factory=dict)
 
 
-def load_task_data(corpus: Corpus, task: Task, max_clips: int = 0, seed: int = 0) -> TaskData:
+def test_noise_seed(cond: Condition) -> int:
+    """The noise seed of a test condition: fixed by the condition alone, so every method, study and
+    rerun tests on the same noisy audio."""
+    import zlib
+
+    return 10_000 + zlib.crc32(condition_name(cond).encode()) % 1_000_000
+
+
+def load_task_data(corpus: Corpus, task: Task, max_clips: int = 0, seed: int = 0, babble_talkers: int = 4) -> TaskData:
     """Every labelled clip of the three splits, decoded once into memory."""
 
     def split(name: str) -> SplitData:
@@ -69,10 +90,12 @@ def load_task_data(corpus: Corpus, task: Task, max_clips: int = 0, seed: int = 0
             frame_targets = [np.stack([c.frame_labels[k] for k in task.labels], 1) for c in clips]
         return SplitData(rows, [c.audio for c in clips], targets, frame_targets)
 
-    data = TaskData(task, split("train"), split("val"), split("test"))
-    n = min(len(data.test), 64)
-    longest = max(len(w) for w in data.test.waves[:n])
-    data.babble_pool = torch.from_numpy(np.stack([np.pad(w, (0, longest - len(w))) for w in data.test.waves[:n]]))
+    data = TaskData(task, split("train"), split("val"), split("test"), babble_talkers=babble_talkers,
+                    corpus_name=corpus.name, corpus_path=str(corpus.root))
+    # Babble: training and validation speakers' utterances (never the test split); a clip's own
+    # speaker is left out when its babble is drawn.
+    data.babble_pool = BabblePool.from_split(data.train.waves + data.val.waves, data.train.speakers + data.val.speakers,
+                                             data.train.clip_ids + data.val.clip_ids)
     return data
 
 
@@ -91,6 +114,13 @@ def fraction_of(split: SplitData, fraction: float, seed: int) -> SplitData:
     return split.subset(np.array(sorted(keep)))
 
 
+def feature_key(source: FeatureSource, split: SplitData, cond: Condition, noise_seed: int) -> tuple[str, str, str]:
+    import zlib
+
+    clips = zlib.crc32("\n".join(r["clip_id"] for r in split.rows).encode())
+    return (f"{source.name}:{source.kind}:{source.layer}", condition_name(cond), f"{noise_seed}:{clips}")
+
+
 def _batch_waves(split: SplitData, idx: np.ndarray) -> dict[str, torch.Tensor]:
     from avssl.data.corpus import Clip
 
@@ -106,6 +136,7 @@ class HeadResult:
     test: dict[str, dict[str, float]]
     confusion: Optional[np.ndarray]
     seconds: float
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> test predictions (classes or values)
 
 
 class HeadTrainer:
@@ -115,39 +146,47 @@ class HeadTrainer:
         self.device = device or torch.device("cpu")
         self._norm: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
-    def feature_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-dimension mean/std of frozen features over the clean training clips: a frozen
-        encoder's scale is arbitrary, and the head should not have to learn it."""
+    def feature_norm(self, module: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean/std of the source's features over the clean training clips: an encoder's
+        scale is arbitrary, and the head should not have to learn it. Frozen sources use their cached
+        features; a trainable encoder (scratch, fine-tuned) is measured once, at its initial weights,
+        and keeps that fixed normalisation while it trains (the same input as the frozen path)."""
+        if module is not None:
+            frames = torch.cat(self._features(module, self.data.train, CLEAN, 0))
+            return frames.mean(0), frames.std(0).clamp_min(1e-5)
         if self._norm is None:
             frames = torch.cat(self.frozen_features("train", self.data.train, CLEAN, 0))
             self._norm = (frames.mean(0), frames.std(0).clamp_min(1e-5))
         return self._norm
 
     # -- features ---------------------------------------------------------------------------
-    def _noisy(self, batch: dict[str, torch.Tensor], cond: Condition, gen: torch.Generator) -> torch.Tensor:
-        return mix(batch["wave"], cond, gen, self.data.babble_pool)
+    def _noisy(self, batch: dict[str, torch.Tensor], split: SplitData, idx: np.ndarray, cond: Condition, noise_seed: int) -> torch.Tensor:
+        return mix(batch["wave"], batch["lengths"] * HOP, cond, noise_seed, [split.rows[i]["clip_id"] for i in idx],
+                   [str(split.rows[i]["speaker"]) for i in idx], self.data.babble_pool, self.data.babble_talkers)
 
     @torch.no_grad()
-    def frozen_features(self, split_name: str, split: SplitData, cond: Condition, noise_seed: int) -> list[torch.Tensor]:
-        """[T, D] per clip, computed once per (split, condition) and cached."""
-        key = self._cache_key(split, cond, noise_seed)
-        if key in self.data.cache:
-            return self.data.cache[key]
-        module = self.source.module.to(self.device).eval()
-        gen = torch.Generator().manual_seed(noise_seed)
+    def _features(self, module: torch.nn.Module, split: SplitData, cond: Condition, noise_seed: int) -> list[torch.Tensor]:
+        was_training = module.training
+        module = module.to(self.device).eval()
         out: list[torch.Tensor] = []
         bs = 32
         for i in range(0, len(split), bs):
             idx = np.arange(i, min(i + bs, len(split)))
             batch = _batch_waves(split, idx)
-            feats = module(self._noisy(batch, cond, gen).to(self.device)).float().cpu()
+            feats = module(self._noisy(batch, split, idx, cond, noise_seed).to(self.device)).float().cpu()
             out += [feats[j, : int(batch["lengths"][j])] for j in range(len(idx))]
-        self.data.cache[key] = out
+        module.train(was_training)
         return out
 
+    def frozen_features(self, split_name: str, split: SplitData, cond: Condition, noise_seed: int) -> list[torch.Tensor]:
+        """[T, D] per clip, computed once per (split, condition) and cached."""
+        key = self._cache_key(split, cond, noise_seed)
+        if key not in self.data.cache:
+            self.data.cache[key] = self._features(self.source.module, split, cond, noise_seed)
+        return self.data.cache[key]
+
     def _cache_key(self, split: SplitData, cond: Condition, noise_seed: int) -> tuple[str, str, str]:
-        clips = hash(tuple(r["clip_id"] for r in split.rows))
-        return (f"{self.source.name}:{id(self.source.module)}", condition_name(cond), f"{noise_seed}:{clips}")
+        return feature_key(self.source, split, cond, noise_seed)
 
     def _targets(self, split: SplitData, idx: np.ndarray) -> torch.Tensor:
         y = torch.as_tensor(split.targets[idx])
@@ -163,7 +202,8 @@ class HeadTrainer:
         return out
 
     # -- one pass -----------------------------------------------------------------------------
-    def _forward(self, encoder, head, split: SplitData, idx: np.ndarray, feats: Optional[list[torch.Tensor]], cond: Condition, gen: torch.Generator):
+    def _forward(self, encoder, head, split: SplitData, idx: np.ndarray, feats: Optional[list[torch.Tensor]], cond: Condition, noise_seed: int,
+                 norm: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
         if feats is not None:
             mean, std = self.feature_norm()
             seq = [(feats[i] - mean) / std for i in idx]
@@ -171,7 +211,9 @@ class HeadTrainer:
             x = torch.nn.utils.rnn.pad_sequence(seq, batch_first=True)
         else:
             batch = _batch_waves(split, idx)
-            x = encoder(self._noisy(batch, cond, gen).to(self.device))
+            x = encoder(self._noisy(batch, split, idx, cond, noise_seed).to(self.device))
+            if norm is not None:  # the trainable encoder's fixed input normalisation (as the frozen path)
+                x = (x - norm[0].to(self.device)) / norm[1].to(self.device)
             lengths = batch["lengths"]
         x, lengths = x.to(self.device), lengths.to(self.device)
         clip, frames = head(x, lengths, per_frame=split.frame_targets is not None)
@@ -189,16 +231,15 @@ class HeadTrainer:
         return loss
 
     @torch.no_grad()
-    def predict(self, encoder, head, split_name: str, split: SplitData, cond: Condition, noise_seed: int) -> tuple[np.ndarray, Optional[tuple[list, list]]]:
+    def predict(self, encoder, head, split_name: str, split: SplitData, cond: Condition, noise_seed: int, norm=None) -> tuple[np.ndarray, Optional[tuple[list, list]]]:
         head.eval()
         if encoder is not None:
             encoder.eval()
-        feats = None if self.source.trainable else self.frozen_features(split_name, split, cond, noise_seed)
-        gen = torch.Generator().manual_seed(noise_seed)
+        feats = None if encoder is not None else self.frozen_features(split_name, split, cond, noise_seed)
         preds, ft_true, ft_pred = [], [], []
         for i in range(0, len(split), self.cfg.batch_size):
             idx = np.arange(i, min(i + self.cfg.batch_size, len(split)))
-            clip, frames, lengths = self._forward(encoder, head, split, idx, feats, cond, gen)
+            clip, frames, lengths = self._forward(encoder, head, split, idx, feats, cond, noise_seed, norm)
             preds.append(clip.float().cpu().numpy())
             if frames is not None:
                 for j, k in enumerate(idx):
@@ -210,20 +251,31 @@ class HeadTrainer:
             encoder.train()
         return np.concatenate(preds), ((ft_true, ft_pred) if ft_true else None)
 
-    def score(self, encoder, head, split_name: str, split: SplitData, cond: Condition, noise_seed: int) -> tuple[dict[str, float], np.ndarray]:
-        pred, frames = self.predict(encoder, head, split_name, split, cond, noise_seed)
+    def score(self, encoder, head, split_name: str, split: SplitData, cond: Condition, noise_seed: int, norm=None) -> tuple[dict[str, float], np.ndarray]:
+        pred, frames = self.predict(encoder, head, split_name, split, cond, noise_seed, norm)
         return self.task.score(split.targets, pred, frames), pred
 
     # -- training -----------------------------------------------------------------------------
+    def _optimizer(self, head: torch.nn.Module, encoder: Optional[torch.nn.Module]) -> torch.optim.Optimizer:
+        """The head at `lr`; a scratch encoder (random init) at `lr` too; a fine-tuned pretrained
+        encoder at its own, lower `encoder_lr`."""
+        groups = [{"params": list(head.parameters()), "lr": self.cfg.lr}]
+        if encoder is not None:
+            enc_lr = self.cfg.lr if self.source.kind == "scratch" else self.cfg.encoder_lr
+            groups.append({"params": list(encoder.parameters()), "lr": enc_lr})
+        return torch.optim.AdamW(groups, weight_decay=1e-3)
+
     def fit(self, seed: int, train: Optional[SplitData] = None, test_conditions: tuple[Condition, ...] = (CLEAN,), train_conditions: tuple[Condition, ...] = ()) -> HeadResult:
         """Train one head; with `train_conditions`, each epoch's audio gets the next noise condition."""
         t0 = time.perf_counter()
         train = train or self.data.train
         torch.manual_seed(seed)
         encoder = self.source.for_seed(seed).to(self.device) if self.source.trainable else None
-        head = DownstreamHead(self.cfg.head, self.source.dim, self.task.out_dim, self.cfg.hidden).to(self.device)
-        params = list(head.parameters()) + (list(encoder.parameters()) if encoder is not None else [])
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=1e-3)
+        norm = self.feature_norm(encoder) if encoder is not None else None
+        head = DownstreamHead(self.cfg.head, self.source.dim, self.task.out_dim, self.cfg.hidden, n_layers=self.source.n_layers).to(self.device)
+        opt = self._optimizer(head, encoder)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        warmup = self.cfg.frozen_warmup_epochs if (encoder is not None and self.source.kind == "pretrained") else 0
         rng = np.random.default_rng([seed, 17])
         curves: dict[str, list[float]] = {"train_loss": [], "train_score": [], "val_score": []}
         best = (-np.inf, 0, None)
@@ -232,15 +284,17 @@ class HeadTrainer:
         for epoch in range(self.cfg.epochs):
             train_cond = train_conditions[epoch % len(train_conditions)] if train_conditions else CLEAN
             noisy_training = train_cond != CLEAN
-            gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+            noise_seed = seed * 1000 + epoch if noisy_training else 0  # fresh noise each epoch
+            if encoder is not None:
+                encoder.requires_grad_(epoch >= warmup)
             feats = None
-            if encoder is None:  # frozen: fresh noise each epoch when training with noise
-                feats = self.frozen_features("train", train, train_cond, seed * 1000 + epoch if noisy_training else 0)
+            if encoder is None:
+                feats = self.frozen_features("train", train, train_cond, noise_seed)
             order = rng.permutation(len(train))
             losses, preds = [], np.zeros((len(train), self.task.out_dim), np.float32)
             for i in range(0, len(train), self.cfg.batch_size):
                 idx = order[i : i + self.cfg.batch_size]
-                clip, frames, lengths = self._forward(encoder, head, train, idx, feats, train_cond, gen)
+                clip, frames, lengths = self._forward(encoder, head, train, idx, feats, train_cond, noise_seed, norm)
                 loss = self._loss(clip, frames, lengths, train, idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -249,9 +303,9 @@ class HeadTrainer:
                 losses.append(float(loss.detach()))
                 preds[idx] = clip.detach().float().cpu().numpy()
             if noisy_training and encoder is None:  # one-off noisy features: do not keep them
-                self.data.cache.pop(self._cache_key(train, train_cond, seed * 1000 + epoch), None)
+                self.data.cache.pop(self._cache_key(train, train_cond, noise_seed), None)
             train_score = self.task.score(train.targets, preds)[primary]
-            val_metrics, _ = self.score(encoder, head, "val", self.data.val, CLEAN, 0)
+            val_metrics, _ = self.score(encoder, head, "val", self.data.val, CLEAN, 0, norm)
             curves["train_loss"].append(float(np.mean(losses)))
             curves["train_score"].append(float(train_score))
             curves["val_score"].append(float(val_metrics[primary]))
@@ -261,18 +315,20 @@ class HeadTrainer:
                 bad_epochs = 0
             else:
                 bad_epochs += 1
-                if bad_epochs >= self.cfg.patience:
+                if bad_epochs >= self.cfg.patience and epoch >= warmup:
                     break
         _, best_epoch, state = best
         head.load_state_dict(state["head"])
         if encoder is not None:
             encoder.load_state_dict(state["encoder"])
-        val_metrics, _ = self.score(encoder, head, "val", self.data.val, CLEAN, 0)
+        val_metrics, _ = self.score(encoder, head, "val", self.data.val, CLEAN, 0, norm)
         tests: dict[str, dict[str, float]] = {}
+        predictions: dict[str, np.ndarray] = {}
         confusion = None
-        for k, cond in enumerate(test_conditions):
-            metrics, pred = self.score(encoder, head, "test", self.data.test, cond, 10_000 + k)
+        for cond in test_conditions:
+            metrics, pred = self.score(encoder, head, "test", self.data.test, cond, test_noise_seed(cond), norm)
             tests[condition_name(cond)] = metrics
+            predictions[condition_name(cond)] = pred.argmax(-1).astype(np.int16) if self.task.kind == "classification" else pred.astype(np.float32)
             if cond == CLEAN and self.task.kind == "classification":
                 confusion = confusion_matrix(self.data.test.targets, pred.argmax(-1), len(self.task.classes))
-        return HeadResult(curves, best_epoch + 1, val_metrics, tests, confusion, time.perf_counter() - t0)
+        return HeadResult(curves, best_epoch + 1, val_metrics, tests, confusion, time.perf_counter() - t0, predictions)

@@ -9,11 +9,11 @@ from typing import Any, Optional
 import numpy as np
 
 from avssl.config.loader import flatten
-from avssl.config.schema import Config, EvaluateConfig
+from avssl.config.schema import Config, EvaluateConfig, task_corpus
 from avssl.data.corpus import Corpus
-from avssl.evaluate.downstream import CLEAN, HeadResult, HeadTrainer, TaskData, load_task_data
-from avssl.evaluate.noise import Condition
-from avssl.evaluate.sources import FeatureSource, resolve_source
+from avssl.evaluate.downstream import CLEAN, HeadResult, HeadTrainer, TaskData, feature_key, load_task_data, test_noise_seed
+from avssl.evaluate.noise import Condition, condition_name
+from avssl.evaluate.sources import FeatureSource, encoder_signature, resolve_source, resolve_sources
 from avssl.evaluate.tasks import TASKS, Task
 from avssl.tracking import Tracker, mlflow_ui_hint
 
@@ -24,15 +24,24 @@ def make_task(name: str, corpus: Corpus) -> Task:
 
 
 class TaskDataCache:
-    """Decoded labelled splits, shared by every method evaluated in one process."""
+    """Decoded labelled splits of each task's own corpus (`evaluate.corpora`), shared by every method
+    evaluated in one process."""
 
-    def __init__(self, corpus: Corpus):
-        self.corpus = corpus
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
         self._data: dict[str, TaskData] = {}
+        self._corpora: dict[str, Corpus] = {}
+
+    def corpus(self, task_name: str) -> Corpus:
+        path = task_corpus(self.cfg, task_name)
+        if path not in self._corpora:
+            self._corpora[path] = Corpus(path)
+        return self._corpora[path]
 
     def get(self, task_name: str) -> TaskData:
         if task_name not in self._data:
-            self._data[task_name] = load_task_data(self.corpus, make_task(task_name, self.corpus))
+            corpus = self.corpus(task_name)
+            self._data[task_name] = load_task_data(corpus, make_task(task_name, corpus), babble_talkers=self.cfg.study.noise.babble_talkers)
         return self._data[task_name]
 
 
@@ -99,15 +108,41 @@ class EvalJob:
     run_name: Optional[str] = None
 
 
-def fit_seeds(source: FeatureSource, data: TaskData, ev: EvaluateConfig, fraction: float, test_conditions: tuple[Condition, ...], train_conditions: tuple[Condition, ...], seeds: Optional[list[int]] = None) -> list[HeadResult]:
-    """The work of one job (or of one of its seeds); runs in a Ray task or in-process."""
+def extract_features(source: FeatureSource, data: TaskData, ev: EvaluateConfig, test_conditions: tuple[Condition, ...]) -> dict:
+    """A frozen source's features, once per (split, condition): clean train and validation clips and
+    the test clips under every test condition. Every seed's head then trains from these."""
+    import torch
+
+    torch.set_num_threads(1)
+    trainer = HeadTrainer(source, data, ev)
+    trainer.frozen_features("train", data.train, CLEAN, 0)
+    trainer.frozen_features("val", data.val, CLEAN, 0)
+    for cond in test_conditions:
+        trainer.frozen_features("test", data.test, cond, test_noise_seed(cond))
+    return dict(data.cache)
+
+
+def fit_seeds(source: FeatureSource, data: TaskData, ev: EvaluateConfig, fraction: float, test_conditions: tuple[Condition, ...], train_conditions: tuple[Condition, ...],
+              seeds: Optional[list[int]] = None, features: Optional[dict] = None) -> list[HeadResult]:
+    """The work of one job (or of one of its seeds); runs in a Ray task or in-process. `features`:
+    a frozen source's precomputed features (from `extract_features`), shared by all seeds."""
     import torch
 
     from avssl.evaluate.downstream import fraction_of
 
     torch.set_num_threads(1)
+    if features:
+        data.cache.update(features)
     trainer = HeadTrainer(source, data, ev)
-    return [trainer.fit(seed, fraction_of(data.train, fraction, seed), test_conditions, train_conditions) for seed in (seeds or ev.seeds)]
+    out = []
+    for seed in (seeds or ev.seeds):
+        train = fraction_of(data.train, fraction, seed)
+        if features and train is not data.train:  # a label fraction: its clips' features, picked from the full set
+            full = data.cache[feature_key(source, data.train, CLEAN, 0)]
+            pos = {cid: i for i, cid in enumerate(data.train.clip_ids)}
+            data.cache[feature_key(source, train, CLEAN, 0)] = [full[pos[c]] for c in train.clip_ids]
+        out.append(trainer.fit(seed, train, test_conditions, train_conditions))
+    return out
 
 
 def _start_job_run(job: EvalJob, cfg: Config, tracker: Tracker, data_cache: TaskDataCache) -> tuple[str, float]:
@@ -123,22 +158,47 @@ def _start_job_run(job: EvalJob, cfg: Config, tracker: Tracker, data_cache: Task
         "avssl.method_kind": source.kind,
         "avssl.task": job.task,
         "avssl.head": ev.head,
+        "avssl.layer": source.layer,
         "avssl.finetune": str(source.trainable and source.kind == "pretrained").lower(),
         "avssl.label_fraction": f"{fraction:g}",
-        "avssl.corpus": data_cache.corpus.name,
+        "avssl.corpus": data.corpus_name,
+        "avssl.corpus_path": data.corpus_path,
         "avssl.seeds": ",".join(map(str, ev.seeds)),
+        **({"avssl.encoder_arch": encoder_signature(source.encoder_config)} if source.encoder_config is not None else {}),
         **({"avssl.encoder_run_id": source.encoder_run_id} if source.encoder_run_id else {}),
         **source.tags,
         **job.extra_tags,
     }
     params = {f"evaluate.{k}": v for k, v in flatten(ev.model_dump(mode="json")).items()}
-    params.update({"source": source.description, "train_clips": len(fraction_of(data.train, fraction, ev.seeds[0]))})
+    params.update({"source": source.description, "train_clips": len(fraction_of(data.train, fraction, ev.seeds[0])),
+                   "test_clips": len(data.test), "corpus": data.corpus_path, **source.architecture()})
     # Parent: the study when there is one, else the encoder's pretraining run.
     parent = job.parent_run_id or source.encoder_run_id
     return tracker.start_run(job.run_name or f"eval-{source.name}-{job.task}", tags, params, parent_id=parent), fraction
 
 
-def _log_job(job: EvalJob, run_id: str, results: list[HeadResult], cfg: Config, tracker: Tracker, task: Task) -> EvalSummary:
+PREDICTIONS_FILE = "predictions.npz"
+
+
+def log_predictions(tracker: Tracker, run_id: str, results: list[HeadResult], tracker_data: TaskData) -> None:
+    """Every seed's test predictions under every condition, with the truth, clip ids and speakers:
+    what the report's bootstrap intervals and paired differences are computed from."""
+    import tempfile
+    from pathlib import Path
+
+    test = tracker_data.test
+    arrays: dict[str, np.ndarray] = {
+        "y_true": np.asarray(test.targets), "clip_ids": np.array(test.clip_ids), "speakers": np.array(test.speakers),
+    }
+    for cond in results[0].predictions:
+        arrays[f"pred/{cond}"] = np.stack([r.predictions[cond] for r in results])
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / PREDICTIONS_FILE
+        np.savez_compressed(path, **arrays)
+        tracker.log_artifact(run_id, path)
+
+
+def _log_job(job: EvalJob, run_id: str, results: list[HeadResult], cfg: Config, tracker: Tracker, task: Task, job_data: TaskData) -> EvalSummary:
     from avssl.figures import confusion
 
     metrics = aggregate(results)
@@ -149,6 +209,7 @@ def _log_job(job: EvalJob, run_id: str, results: list[HeadResult], cfg: Config, 
     tracker.log_metrics(run_id, metrics)
     log_seed_curves(tracker, run_id, results, cfg.evaluate.seeds)
     tracker.log_figure(run_id, learning_curves_figure(results, cfg.evaluate.seeds, f"{job.source.name} on {job.task}", task.primary), "curves.png")
+    log_predictions(tracker, run_id, results, tracker_data=job_data)
     if results[0].confusion is not None:
         cm = sum(r.confusion for r in results)
         tracker.log_figure(run_id, confusion(cm, task.classes, f"{job.source.name}: {job.task}, test, {len(results)} seeds"), "confusion.png")
@@ -170,12 +231,26 @@ def run_jobs(jobs: list[EvalJob], cfg: Config, tracker: Tracker, data_cache: Tas
 
             ensure_ray(cfg.train.ray_address)
             remote = ray.remote(num_cpus=1, max_retries=1)(fit_seeds)
+            extract = ray.remote(num_cpus=1, max_retries=1)(extract_features)
             refs = {task: ray.put(data_cache.get(task)) for task in {j.task for j in jobs}}
+            # Frozen sources: features once per (source, task) for every condition any job tests.
+            feature_refs: dict[tuple, Any] = {}
+            conditions: dict[tuple, list[Condition]] = {}
+            for job in jobs:
+                if not job.source.trainable:
+                    key = (job.source.name, job.source.kind, job.source.layer, job.task)
+                    conds = conditions.setdefault(key, [])
+                    conds += [c for c in job.test_conditions if c not in conds]
+            for job in jobs:
+                key = (job.source.name, job.source.kind, job.source.layer, job.task)
+                if key in conditions and key not in feature_refs:
+                    feature_refs[key] = extract.remote(job.source, refs[job.task], cfg.evaluate, tuple(conditions[key]))
             pending: dict[Any, tuple[int, int]] = {}
             per_job: dict[int, dict[int, HeadResult]] = {i: {} for i in range(len(jobs))}
             for i, (job, (_, fraction)) in enumerate(zip(jobs, runs)):
+                features = feature_refs.get((job.source.name, job.source.kind, job.source.layer, job.task))
                 for k, seed in enumerate(seeds):  # one task per seed: a slow method does not idle a core
-                    ref = remote.remote(job.source, refs[job.task], cfg.evaluate, fraction, job.test_conditions, job.train_conditions, [seed])
+                    ref = remote.remote(job.source, refs[job.task], cfg.evaluate, fraction, job.test_conditions, job.train_conditions, [seed], features)
                     pending[ref] = (i, k)
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
@@ -183,13 +258,13 @@ def run_jobs(jobs: list[EvalJob], cfg: Config, tracker: Tracker, data_cache: Tas
                 per_job[i][k] = ray.get(done[0])[0]
                 if len(per_job[i]) == len(seeds):
                     results = [per_job[i][k] for k in range(len(seeds))]
-                    summaries[i] = _log_job(jobs[i], runs[i][0], results, cfg, tracker, data_cache.get(jobs[i].task).task)
+                    summaries[i] = _log_job(jobs[i], runs[i][0], results, cfg, tracker, data_cache.get(jobs[i].task).task, data_cache.get(jobs[i].task))
                     if on_done:
                         on_done(summaries[i])
         else:
             for i, (job, (run_id, fraction)) in enumerate(zip(jobs, runs)):
                 results = fit_seeds(job.source, data_cache.get(job.task), cfg.evaluate, fraction, job.test_conditions, job.train_conditions)
-                summaries[i] = _log_job(job, run_id, results, cfg, tracker, data_cache.get(job.task).task)
+                summaries[i] = _log_job(job, run_id, results, cfg, tracker, data_cache.get(job.task).task, data_cache.get(job.task))
                 if on_done:
                     on_done(summaries[i])
     except BaseException:
@@ -217,10 +292,12 @@ def evaluate_command(cfg: Config) -> int:
     if not cfg.evaluate.encoder:
         raise ConfigError("evaluate.encoder is required: an MLflow run id, a pretraining run name, an encoder file, or scratch / mfcc / logmel")
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)
-    corpus = Corpus(cfg.data.corpus)
+    cache = TaskDataCache(cfg)
+    for task in cfg.evaluate.tasks:  # every task's corpus and labels, before any compute
+        cache.get(task)
     source = resolve_source(cfg.evaluate.encoder, cfg, tracker, cfg.seed)
-    cache = TaskDataCache(corpus)
-    print(f"evaluate {source.name} ({source.description}) on {', '.join(cfg.evaluate.tasks)}; seeds {cfg.evaluate.seeds}")
+    print(f"evaluate {source.name} ({source.description}) on " + ", ".join(f"{t} [{cache.get(t).corpus_name}]" for t in cfg.evaluate.tasks)
+          + f"; seeds {cfg.evaluate.seeds}; head {cfg.evaluate.head}, layer {source.layer}")
     rows = run_jobs([EvalJob(source, task) for task in cfg.evaluate.tasks], cfg, tracker, cache, on_done=lambda s: print(format_row(s), flush=True))
     print(f"\nMLflow runs: {', '.join(r.run_id for r in rows)}\n  results: {mlflow_ui_hint(tracker.uri)}")
     return 0

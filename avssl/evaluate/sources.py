@@ -12,10 +12,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from avssl.config.schema import Config
+from avssl.config.schema import AudioEncoderConfig, Config
 from avssl.data.features import log_mel, mfcc
-from avssl.errors import AvsslError
+from avssl.errors import AvsslError, ConfigError
 from avssl.models import build_audio_encoder, load_encoder
+from avssl.models.heads import Featurizer
 
 BASELINES = ("scratch", "mfcc", "logmel")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -42,16 +43,28 @@ class HandFeatures(nn.Module):
 class FeatureSource:
     name: str  # the method's name in tables
     kind: str  # pretrained | scratch | mfcc | logmel
-    module: nn.Module
+    module: nn.Module  # waveform -> [B, T, dim] (a Featurizer around an encoder, or hand features)
     trainable: bool  # trained with the head (scratch always; pretrained if evaluate.finetune)
     encoder_run_id: Optional[str] = None
     description: str = ""
     tags: dict[str, str] = field(default_factory=dict)
     factory: Optional[Callable[[int], nn.Module]] = None  # a fresh module per seed, if trainable
+    encoder_config: Optional[AudioEncoderConfig] = None  # the encoder's architecture (pretrained, scratch)
+    layer: str = "-"
 
     @property
     def dim(self) -> int:
         return int(self.module.out_dim)
+
+    @property
+    def n_layers(self) -> int:
+        return int(getattr(self.module, "n_layers", 1))
+
+    def architecture(self) -> dict[str, str]:
+        """Params describing the encoder (empty for hand features)."""
+        if self.encoder_config is None:
+            return {}
+        return {f"encoder.{k}": str(v) for k, v in self.encoder_config.model_dump(mode="json").items()}
 
     def for_seed(self, seed: int) -> nn.Module:
         """The module one seed trains: a fresh copy when it learns, so seeds do not leak."""
@@ -62,24 +75,33 @@ class FeatureSource:
         return copy.deepcopy(self.module)
 
 
-def resolve_source(spec: str, cfg: Config, tracker=None, seed: int = 0) -> FeatureSource:
+def encoder_signature(cfg: AudioEncoderConfig) -> str:
+    return f"{cfg.name}(base {cfg.base_channels}, layers {cfg.layers}, code {cfg.code_dim}, gru {cfg.gru_layers}x{cfg.gru_hidden})"
+
+
+def resolve_source(spec: str, cfg: Config, tracker=None, seed: int = 0, like: Optional[AudioEncoderConfig] = None) -> FeatureSource:
     """An encoder spec -> a feature source. Specs: a baseline name, an MLflow run id, an encoder file,
-    or a pretraining run name (looked up in MLflow)."""
+    or a pretraining run name (looked up in MLflow). `scratch` builds the architecture `like` (the
+    compared pretrained encoder's stored config), else the config's own `model.audio_encoder`."""
+    layer = cfg.evaluate.layer
     if spec in ("mfcc", "logmel"):
         return FeatureSource(spec, spec, HandFeatures(spec), False, description=f"{spec} features (torchaudio)")
     if spec == "scratch":
-        enc_cfg = cfg.model.audio_encoder
+        enc_cfg = like or cfg.model.audio_encoder
 
         def fresh(s: int) -> nn.Module:
             torch.manual_seed(s)
-            return build_audio_encoder(enc_cfg)
+            return Featurizer(build_audio_encoder(enc_cfg), layer)
 
-        return FeatureSource("scratch", "scratch", fresh(seed), True, description="same encoder, random init, trained end to end", factory=fresh)
+        return FeatureSource("scratch", "scratch", fresh(seed), True, description=f"same encoder, random init, trained end to end: {encoder_signature(enc_cfg)}",
+                             factory=fresh, encoder_config=enc_cfg, layer=layer)
     path = Path(spec)
     if path.is_file():
         enc, extra = load_encoder(path)
         name = str(extra.get("run_name") or path.parent.name or path.stem)
-        return FeatureSource(name, "pretrained", enc, cfg.evaluate.finetune, description=f"encoder file {path}", tags={"avssl.encoder_path": str(path.resolve())})
+        return FeatureSource(name, "pretrained", Featurizer(enc, layer), cfg.evaluate.finetune, description=f"encoder file {path}",
+                             tags={"avssl.encoder_path": str(path.resolve()), "avssl.objective": str(extra.get("objective", ""))},
+                             encoder_config=enc.config, layer=layer)
     if tracker is None:
         raise AvsslError(f"encoder '{spec}': not a baseline ({', '.join(BASELINES)}) nor an existing file")
     run = None
@@ -100,7 +122,26 @@ def resolve_source(spec: str, cfg: Config, tracker=None, seed: int = 0) -> Featu
     enc, extra = load_encoder(local)
     name = run.data.tags.get("avssl.run_name") or run.info.run_name or run_id[:8]
     return FeatureSource(
-        name, "pretrained", enc, cfg.evaluate.finetune, encoder_run_id=run_id,
+        name, "pretrained", Featurizer(enc, layer), cfg.evaluate.finetune, encoder_run_id=run_id,
         description=f"pretrained ({run.data.tags.get('avssl.objective', '?')} objective), run {run_id}",
-        tags={"avssl.objective": run.data.tags.get("avssl.objective", "")},
+        tags={"avssl.objective": run.data.tags.get("avssl.objective", "")}, encoder_config=enc.config, layer=layer,
     )
+
+
+def resolve_sources(specs: list[str], cfg: Config, tracker=None, seed: int = 0) -> list[FeatureSource]:
+    """Several methods compared in one table: `scratch` takes the architecture of the pretrained
+    encoders it is compared with; pretrained encoders of different architectures cannot share one
+    scratch baseline (a clear error, not a silent mismatch)."""
+    pretrained = {spec: resolve_source(spec, cfg, tracker, seed) for spec in specs if spec not in BASELINES}
+    archs = {encoder_signature(s.encoder_config): s for s in pretrained.values() if s.encoder_config is not None}
+    if "scratch" in specs and len(archs) > 1:
+        raise ConfigError(
+            "scratch is compared with pretrained encoders of different architectures: "
+            + "; ".join(f"{s.name}: {sig}" for sig, s in archs.items())
+            + ". Compare encoders of one architecture per study, or leave scratch out."
+        )
+    like = next(iter(archs.values())).encoder_config if archs else None
+    if like is not None and "scratch" in specs and encoder_signature(like) != encoder_signature(cfg.model.audio_encoder):
+        print(f"scratch baseline: using the compared encoder's architecture {encoder_signature(like)} "
+              f"(this config's model.audio_encoder is {encoder_signature(cfg.model.audio_encoder)})", flush=True)
+    return [pretrained[spec] if spec in pretrained else resolve_source(spec, cfg, tracker, seed, like=like) for spec in specs]

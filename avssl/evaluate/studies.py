@@ -15,11 +15,10 @@ import numpy as np
 
 from avssl.config.loader import flatten
 from avssl.config.schema import Config
-from avssl.data.corpus import Corpus
 from avssl.evaluate.downstream import CLEAN
 from avssl.evaluate.noise import Condition, condition_name, parse_snr
 from avssl.evaluate.runner import EvalJob, EvalSummary, TaskDataCache, mean_std, run_jobs
-from avssl.evaluate.sources import resolve_source
+from avssl.evaluate.sources import resolve_sources
 from avssl.evaluate.tasks import TASKS
 from avssl.tracking import Tracker, mlflow_ui_hint
 
@@ -31,8 +30,11 @@ def noise_conditions(cfg: Config) -> list[Condition]:
     return out
 
 
-def _start_study(tracker: Tracker, cfg: Config, study: str, corpus: Corpus, parent_run_id: Optional[str]) -> str:
-    tags = {"avssl.kind": "study", "avssl.study": study, "avssl.task": cfg.study.task, "avssl.corpus": corpus.name}
+def _start_study(tracker: Tracker, cfg: Config, study: str, cache: TaskDataCache, parent_run_id: Optional[str]) -> str:
+    data = cache.get(cfg.study.task)  # the task's corpus and labels, before any compute
+    tags = {"avssl.kind": "study", "avssl.study": study, "avssl.task": cfg.study.task, "avssl.corpus": data.corpus_name,
+            "avssl.corpus_path": data.corpus_path, "avssl.head": cfg.evaluate.head, "avssl.layer": cfg.evaluate.layer,
+            "avssl.finetune": str(cfg.evaluate.finetune).lower()}
     params = {f"study.{k}": v for k, v in flatten(cfg.study.model_dump(mode="json")).items()}
     params.update({f"evaluate.{k}": v for k, v in flatten(cfg.evaluate.model_dump(mode="json")).items()})
     return tracker.start_run(f"study-{study}-{cfg.study.task}", tags, params, parent_id=parent_run_id)
@@ -60,11 +62,11 @@ class StudyPlan:
         return {"run_id": self.run_id, **out}
 
 
-def plan_noise_study(cfg: Config, tracker: Tracker, corpus: Corpus, parent_run_id: Optional[str] = None) -> StudyPlan:
+def plan_noise_study(cfg: Config, tracker: Tracker, cache: TaskDataCache, parent_run_id: Optional[str] = None) -> StudyPlan:
     conditions = noise_conditions(cfg)
     train_conditions = tuple(c for c in conditions if c != CLEAN) if cfg.study.noise.train_with_noise else ()
-    study_id = _start_study(tracker, cfg, "noise", corpus, parent_run_id)
-    sources = [resolve_source(spec, cfg, tracker, cfg.seed) for spec in cfg.study.methods]
+    sources = resolve_sources(cfg.study.methods, cfg, tracker, cfg.seed)
+    study_id = _start_study(tracker, cfg, "noise", cache, parent_run_id)
     jobs = [
         EvalJob(
             source, cfg.study.task, test_conditions=tuple(conditions), train_conditions=train_conditions, parent_run_id=study_id,
@@ -101,9 +103,9 @@ def _finish_noise(plan: StudyPlan, summaries: list[EvalSummary]) -> dict[str, An
     return {"table": table, "metric": primary}
 
 
-def plan_datasize_study(cfg: Config, tracker: Tracker, corpus: Corpus, parent_run_id: Optional[str] = None) -> StudyPlan:
-    study_id = _start_study(tracker, cfg, "datasize", corpus, parent_run_id)
-    sources = [resolve_source(spec, cfg, tracker, cfg.seed) for spec in cfg.study.methods]
+def plan_datasize_study(cfg: Config, tracker: Tracker, cache: TaskDataCache, parent_run_id: Optional[str] = None) -> StudyPlan:
+    sources = resolve_sources(cfg.study.methods, cfg, tracker, cfg.seed)
+    study_id = _start_study(tracker, cfg, "datasize", cache, parent_run_id)
     jobs = [
         EvalJob(
             source, cfg.study.task, label_fraction=fraction, parent_run_id=study_id,
@@ -164,13 +166,13 @@ def run_studies(plans: list[StudyPlan], cfg: Config, tracker: Tracker, cache: Ta
 
 
 def noise_study(cfg: Config, tracker: Tracker, cache: Optional[TaskDataCache] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
-    cache = cache or TaskDataCache(Corpus(cfg.data.corpus))
-    return run_studies([plan_noise_study(cfg, tracker, cache.corpus, parent_run_id)], cfg, tracker, cache)[0][0]
+    cache = cache or TaskDataCache(cfg)
+    return run_studies([plan_noise_study(cfg, tracker, cache, parent_run_id)], cfg, tracker, cache)[0][0]
 
 
 def datasize_study(cfg: Config, tracker: Tracker, cache: Optional[TaskDataCache] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
-    cache = cache or TaskDataCache(Corpus(cfg.data.corpus))
-    return run_studies([plan_datasize_study(cfg, tracker, cache.corpus, parent_run_id)], cfg, tracker, cache)[0][0]
+    cache = cache or TaskDataCache(cfg)
+    return run_studies([plan_datasize_study(cfg, tracker, cache, parent_run_id)], cfg, tracker, cache)[0][0]
 
 
 def overfitting(summary: EvalSummary) -> dict[str, float]:

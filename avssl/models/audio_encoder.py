@@ -81,3 +81,25 @@ class ConvGRUAudioEncoder(nn.Module):
         """[B, S] -> [B, T, out_dim] per-frame embeddings."""
         out, _ = self.gru(self.frame_codes(wave))
         return out
+
+    @property
+    def layer_names(self) -> list[str]:
+        return ["code"] + [f"gru{i + 1}" for i in range(self.gru.num_layers)]
+
+    @property
+    def layer_dims(self) -> list[int]:
+        return [self.code_dim] + [self.gru.hidden_size] * self.gru.num_layers
+
+    def layer_outputs(self, wave: torch.Tensor) -> list[torch.Tensor]:
+        """[B, S] -> every representation a head may read: the conv code, then each GRU layer's
+        output ([B, T, D] each). The GRU layers run one at a time with the stacked GRU's own weights."""
+        from torch.func import functional_call
+
+        x = self.frame_codes(wave)
+        outs = [x]
+        for layer in range(self.gru.num_layers):
+            single = nn.GRU(x.shape[-1], self.gru.hidden_size, 1, batch_first=True, bias=self.gru.bias)
+            params = {f"{kind}_l0": getattr(self.gru, f"{kind}_l{layer}") for kind in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.gru.bias else ())}
+            x, _ = functional_call(single, params, (x,))
+            outs.append(x)
+        return outs

@@ -38,9 +38,11 @@ class DownstreamHead(nn.Module):
     """Per-clip output (classes or regression targets) from [B, T, D] frame features; with
     `per_frame`, also one output per frame (continuous affect sequences)."""
 
-    def __init__(self, kind: str, in_dim: int, out_dim: int, hidden: int, dropout: float = 0.2):
+    def __init__(self, kind: str, in_dim: int, out_dim: int, hidden: int, dropout: float = 0.2, n_layers: int = 1):
         super().__init__()
         self.kind = kind
+        self.mix = LayerWeights(n_layers) if n_layers > 1 else None
+        in_dim = in_dim // n_layers
         self.norm = nn.LayerNorm(in_dim)
         if kind == "gru":
             self.rnn = nn.GRU(in_dim, hidden, batch_first=True, bidirectional=True)
@@ -55,6 +57,8 @@ class DownstreamHead(nn.Module):
         self.frame_out = nn.Linear(feat, out_dim)
 
     def frame_features(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.mix is not None:
+            x = self.mix(x)
         x = self.norm(x)
         if self.rnn is not None:
             packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu().clamp_min(1), batch_first=True, enforce_sorted=False)
@@ -69,3 +73,50 @@ class DownstreamHead(nn.Module):
         clip = self.clip_out(self.drop(pooled))
         frames = self.frame_out(self.drop(h)) if per_frame else None
         return clip, frames
+
+
+class Featurizer(nn.Module):
+    """What a downstream head reads from an audio encoder (s3prl's "featurizer"): the top layer
+    (`last`), one named layer (`code`, `gru1`, ...), all layers side by side (`concat`), or all
+    layers stacked for a learned weighted sum in the head (`weighted`: [B, T, L * D], n_layers = L)."""
+
+    def __init__(self, encoder: nn.Module, layer: str = "last"):
+        super().__init__()
+        self.encoder, self.layer = encoder, layer
+        names = list(getattr(encoder, "layer_names", []))
+        dims = list(getattr(encoder, "layer_dims", []))
+        self.n_layers = 1
+        if layer == "last":
+            self.out_dim = int(encoder.out_dim)
+        elif layer == "concat":
+            self.out_dim = sum(dims)
+        elif layer == "weighted":
+            if len(set(dims)) != 1:
+                raise ValueError(f"layer=weighted needs layers of one width; this encoder's are {dict(zip(names, dims))} (use concat)")
+            self.out_dim, self.n_layers = dims[0] * len(dims), len(dims)
+        elif layer in names:
+            self.out_dim = dims[names.index(layer)]
+        else:
+            raise ValueError(f"layer '{layer}' is not one of last, concat, weighted, {', '.join(names)}")
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        if self.layer == "last":
+            return self.encoder(wave)
+        outs = self.encoder.layer_outputs(wave)
+        if self.layer in ("concat", "weighted"):
+            return torch.cat(outs, -1)
+        return outs[self.encoder.layer_names.index(self.layer)]
+
+
+class LayerWeights(nn.Module):
+    """A softmax-weighted sum of L stacked layers: [B, T, L * D] -> [B, T, D]."""
+
+    def __init__(self, n_layers: int):
+        super().__init__()
+        self.n_layers = n_layers
+        self.logits = nn.Parameter(torch.zeros(n_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, ld = x.shape
+        x = x.reshape(b, t, self.n_layers, ld // self.n_layers)
+        return (x * torch.softmax(self.logits, 0)[:, None]).sum(2)

@@ -19,7 +19,9 @@ ENCODER_FORMAT = 1
 
 
 def build_audio_encoder(cfg: AudioEncoderConfig) -> nn.Module:
-    return AUDIO_ENCODERS.get(cfg.name)(cfg)
+    encoder = AUDIO_ENCODERS.get(cfg.name)(cfg)
+    encoder.config = cfg  # the architecture travels with the module (scratch baselines copy it)
+    return encoder
 
 
 class AVSSLModel(nn.Module):

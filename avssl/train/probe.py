@@ -79,3 +79,28 @@ class QuickProbe:
     @property
     def metric(self) -> str:
         return "probe/val_uar" if self.task.kind == "classification" else "probe/val_ccc"
+
+
+def check_probe(cfg, metric: str = "") -> None:
+    """Fail before any compute when the probe (or a search metric read from it) cannot be computed:
+    its corpus must exist and label its task on training and validation speakers."""
+    from avssl.config.schema import probe_corpus
+    from avssl.errors import ConfigError, DataError
+
+    probe = cfg.train.probe
+    if metric.startswith("probe/") and not probe.enabled:
+        raise ConfigError(f"metric '{metric}' comes from the pretraining probe, but train.probe.enabled is false")
+    if not probe.enabled:
+        return
+    path = probe_corpus(cfg)
+    corpus = Corpus(path)
+    task_cls = TASKS.get(probe.task)
+    for split in ("train", "val"):
+        if not corpus.select(split, require=task_cls.labels):
+            raise DataError(
+                f"the pretraining probe (task '{probe.task}') needs '{split}' clips labelled with {', '.join(task_cls.labels)}; "
+                f"corpus {corpus.root} has none. Point train.probe.corpus at a labelled corpus, or set train.probe.enabled=false"
+            )
+    produced = ("probe/val_uar", "probe/val_accuracy") if task_cls.kind == "classification" else ("probe/val_ccc",)
+    if metric.startswith("probe/") and metric not in produced:
+        raise ConfigError(f"metric '{metric}' is not produced by a '{probe.task}' probe (it reports {', '.join(produced)})")

@@ -118,6 +118,9 @@ def prepare_run(cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Op
     if objective.visual and not corpus.has_video:
         raise DataError(f"objective '{cfg.objective.name}' needs video frames; corpus {corpus.root} is audio-only (use objective.name=audio)")
     corpus.check_shards(corpus.select("train") + corpus.select("val"))  # the splits pretraining reads
+    from avssl.train.probe import check_probe
+
+    check_probe(cfg)  # the probe's own labelled corpus: a probe that cannot run is an error, not a silent gap
     if not cfg.run_name:
         cfg = cfg.model_copy(update={"run_name": f"{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"})
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)

@@ -58,10 +58,11 @@ def _downstream(cfg: Config, trial: TrialSettings, encoder_path: Optional[str]) 
     from avssl.evaluate.sources import resolve_source
 
     source = resolve_source(encoder_path if trial.encoder == "pretrained" else "scratch", cfg, seed=cfg.seed)
-    data = TaskDataCache(Corpus(cfg.data.corpus)).get(trial.task)
+    data = TaskDataCache(cfg).get(trial.task)
     remote = ray.remote(num_cpus=trial.cpus_per_worker)(fit_seeds)
     result = ray.get(remote.remote(source, data, cfg.evaluate, cfg.evaluate.label_fraction, (("clean", None),), (), [cfg.seed]))[0]
-    return {f"downstream/val_{k}": v for k, v in result.val.items()} | {f"downstream/test_{k}": v for k, v in result.test["clean"].items()} | {"downstream/best_epoch": result.best_epoch}
+    # Selection metrics only: a search never sees (or logs) test-set scores.
+    return {f"downstream/val_{k}": v for k, v in result.val.items()} | {"downstream/best_epoch": result.best_epoch}
 
 
 def trial_fn(config: dict[str, Any], static: dict[str, Any]) -> None:
@@ -194,6 +195,24 @@ def _label(v: Any) -> str:
     return str(v)
 
 
+def _check_metric(space: SearchSpace, cfg: Config) -> None:
+    """The search metric must be computable by every trial, checked before any trial starts."""
+    from avssl.train.probe import check_probe
+
+    if space.metric.startswith("downstream/"):
+        if not space.trial.downstream:
+            raise ConfigError(f"metric '{space.metric}' needs trial.downstream: true in the space file")
+        if "test" in space.metric:
+            raise ConfigError(f"metric '{space.metric}': searches select on validation scores, never on test scores")
+        from avssl.evaluate.runner import TaskDataCache
+
+        TaskDataCache(cfg).get(space.trial.task)
+        return
+    probe_cfg = cfg.model_copy(deep=True)
+    probe_cfg.train.probe.task = space.trial.task
+    check_probe(probe_cfg, space.metric)
+
+
 def run_search(space: SearchSpace, cfg: Config, name: Optional[str] = None, resume: bool = False, retry_errored: bool = False) -> SearchResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -211,6 +230,7 @@ def run_search(space: SearchSpace, cfg: Config, name: Optional[str] = None, resu
         raise ConfigError(f"--resume: no search named '{name}' under {storage} (start it without --resume)")
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # save the search's state often: cheap, and resumes lose little
+    _check_metric(space, cfg)
     resources = ensure_ray(cfg.train.ray_address)
     per_trial = space.trial.workers * space.trial.cpus_per_worker
     capacity = int(resources.get("CPU", 1) // per_trial)

@@ -58,7 +58,25 @@ VOCABULARIES: dict[str, list[str]] = {
         "ship", "chip", "light", "right", "fine", "vine", "rope", "robe", "cold", "gold", "time", "dime",
     ],
     "digits": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
+    # Ten Speech-Commands-style command words.
+    "commands": ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"],
+    # The pretraining pool's broad vocabulary (LRW-like: many words, none of the command words).
+    "broad": [
+        "about", "after", "again", "against", "also", "always", "another", "around", "away", "back",
+        "because", "before", "being", "better", "between", "black", "board", "book", "both", "bring",
+        "call", "change", "child", "city", "close", "come", "could", "country", "day", "during",
+        "early", "east", "enough", "even", "every", "face", "family", "father", "feel", "few",
+        "find", "first", "follow", "food", "force", "friend", "game", "give", "great", "group",
+        "hand", "happen", "heart", "help", "high", "home", "house", "idea", "important", "just",
+        "keep", "kind", "know", "large", "later", "leave", "life", "little", "live", "long",
+        "made", "many", "matter", "maybe", "money", "month", "morning", "mother", "music", "never",
+        "number", "often", "other", "paper", "people", "place", "point", "power", "problem", "question",
+        "really", "reason", "school", "should", "small", "something", "still", "story", "system", "today",
+        "under", "until", "water", "where", "while", "world", "would", "young",
+    ],
 }
+# Distinct voices: base i % 7 with variant (5 i + 3) % 12 is one-to-one over 84 global speaker indices.
+MAX_SPEAKERS = 84
 CARRIERS = ["say {} again", "{} is next", "the word is {}", "I said {}", "{} please", "now {}"]
 # en-gb-scotland is left out: its trilled r is not reproducible from call to call.
 VOICE_BASES = ["en-us", "en", "en-gb-x-rp", "en-029", "en-gb-x-gbcwmd", "en-gb-x-gbclan", "en-us-nyc"]
@@ -79,7 +97,9 @@ class Speaker:
 
 
 def make_speakers(cfg: SynthConfig, seed: int) -> list[Speaker]:
-    order = np.random.default_rng([seed, 7]).permutation(cfg.speakers)
+    """The corpus's speakers: global indices speaker_offset .. speaker_offset + speakers - 1, each with its
+    own voice, prosody and face (drawn from the global index, so corpora with disjoint ranges share none)."""
+    order = np.random.default_rng([seed, 7] + ([cfg.speaker_offset] if cfg.speaker_offset else [])).permutation(cfg.speakers)
     n_train = max(1, int(round(cfg.split[0] * cfg.speakers)))
     n_val = max(1, int(round(cfg.split[1] * cfg.speakers)))
     if n_train + n_val >= cfg.speakers:
@@ -88,13 +108,14 @@ def make_speakers(cfg: SynthConfig, seed: int) -> list[Speaker]:
     for rank, idx in enumerate(order):
         split_of[int(idx)] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
     speakers = []
-    for i in range(cfg.speakers):
+    for k in range(cfg.speakers):
+        i = cfg.speaker_offset + k
         r = np.random.default_rng([seed, 1, i])
         speakers.append(
             Speaker(
                 index=i,
                 name=f"spk{i:02d}",
-                split=split_of[i],
+                split=split_of[k],
                 voice=f"{VOICE_BASES[i % len(VOICE_BASES)]}+{VOICE_VARIANTS[(i * 5 + 3) % len(VOICE_VARIANTS)]}",
                 rate=float(r.uniform(150, 190)),
                 pitch=float(r.uniform(35, 65)),
@@ -260,6 +281,8 @@ def make_clip(cfg: SynthConfig, speaker: Speaker, clip_index: int, seed: int, re
                 for i in range(n_frames)
             ]
         )
+    if not cfg.labelled:  # an unlabelled pool: the clip keeps its speaker and nothing else
+        return Clip(clip_id=f"{speaker.name}_{clip_index:04d}", split=speaker.split, speaker=speaker.name, audio=audio, frames=frames)
     return Clip(
         clip_id=f"{speaker.name}_{clip_index:04d}",
         split=speaker.split,
@@ -304,7 +327,7 @@ def single_threaded() -> None:
 def _generate_shard(args: tuple[SynthConfig, int, list[tuple[int, int]], str, str]) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
     cfg, seed, jobs, partial_dir, rel = args
     speakers = {s.index: s for s in make_speakers(cfg, seed)}
-    clips = [make_clip(cfg, speakers[s], c, seed) for s, c in jobs]
+    clips = [make_clip(cfg, speakers[s], c, seed, render=cfg.video) for s, c in jobs]
     root = Path(partial_dir)
     if cfg.export_media:
         for clip in clips:
@@ -319,7 +342,7 @@ def generate(cfg: SynthConfig, seed: int, overwrite: bool = False, quiet: bool =
     # Speakers grouped by split, so shards hold one split each and workers stream only what they train on.
     by_split = sorted(speakers, key=lambda s: (("train", "val", "test").index(s.split), s.index))
     jobs = [(s.index, c) for s in by_split for c in range(cfg.clips_per_speaker)]
-    writer = CorpusWriter(cfg.out, name="synthetic", shard_size=cfg.shard_size, overwrite=overwrite)
+    writer = CorpusWriter(cfg.out, name=cfg.name, shard_size=cfg.shard_size, overwrite=overwrite)
     chunks = [jobs[i : i + cfg.shard_size] for i in range(0, len(jobs), cfg.shard_size)]
     tasks = [(cfg, seed, chunk, str(writer.partial), writer.next_shard_name()) for chunk in chunks]
     workers = cfg.workers or os.cpu_count() or 1
@@ -343,7 +366,7 @@ def generate(cfg: SynthConfig, seed: int, overwrite: bool = False, quiet: bool =
         progress.close()
     meta = {
         "generator": {"seed": seed, **cfg.model_dump(mode="json")},
-        "labels": {"emotion": list(EMOTIONS), "word": VOCABULARIES[cfg.vocabulary]},
+        "labels": {"emotion": list(EMOTIONS), "word": VOCABULARIES[cfg.vocabulary]} if cfg.labelled else {},
         "speakers": {s.name: {"split": s.split, "voice": s.voice} for s in speakers},
     }
     out = writer.finish(meta)
@@ -355,6 +378,24 @@ def generate(cfg: SynthConfig, seed: int, overwrite: bool = False, quiet: bool =
         "clips_per_s_per_worker": len(jobs) / seconds / max(1, min(workers, len(tasks))),
         "workers": min(workers, len(tasks)),
     }
+
+
+def protocol_corpora(cfg: SynthConfig) -> list[tuple[str, SynthConfig]]:
+    """The protocol's corpora as single-corpus configs: `out/<name>`, consecutive speaker ranges (so no
+    speaker of the pool appears in a downstream corpus, nor one downstream corpus's in another)."""
+    from avssl.errors import ConfigError
+
+    out, offset = [], 0
+    for name, spec in cfg.corpora.items():
+        if not spec.enabled:
+            continue
+        fields = spec.model_dump(exclude={"enabled"})
+        one = cfg.model_copy(update={**fields, "out": str(Path(cfg.out) / name), "name": f"synth-{name}", "speaker_offset": offset, "protocol": False})
+        out.append((name, one))
+        offset += spec.speakers
+    if offset > MAX_SPEAKERS:
+        raise ConfigError(f"synth.corpora: {offset} speakers in all, but the generator has {MAX_SPEAKERS} distinct voices; use fewer speakers")
+    return out
 
 
 def contact_sheet(corpus_root: Path, out: Optional[Path] = None, per_row: int = 12) -> Path:
