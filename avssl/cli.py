@@ -112,7 +112,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from avssl.quickstart import quickstart_command
 
-    return quickstart_command(cfg, skip_tune=args.skip_tune)
+    return quickstart_command(cfg, skip_tune=not args.tune)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from avssl.experiment import experiment_command
+
+    return experiment_command(args.recipe, args.config, args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,9 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["check"])
     p.add_argument("files", nargs="+", metavar="FILE", help="cluster-launcher YAML files, e.g. cluster.yaml cluster-gpu.yaml")
 
+    p = add("experiment", cmd_experiment, "run a recipe (experiments/*.yaml): one table of the paper's protocol, resumable, one MLflow parent run",
+            "Generate corpora if the recipe says so, pretrain its encoders, run its evaluations and studies (reusing\n"
+            "what finished in an earlier run), and write the report with 95 % intervals and the paper's claims.\n"
+            "--config replaces the recipe's base config (e.g. paper on a GPU cluster) and drops its CPU-sized `scale`.")
+    p.add_argument("recipe", help="recipe YAML, e.g. experiments/main.yaml")
+    p.add_argument("--config", "-c", default=None, help="base config instead of the recipe's own (e.g. paper)")
+    p.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help=OVERRIDES_HELP + "; corpus paths, e.g. evaluate.corpora.emotion=data/crema-d")
+
     p = add("quickstart", cmd_quickstart, "the whole pipeline on the synthetic corpus: synth -> pretrain -> evaluate -> studies -> report",
             "Runs end to end on the tiny preset in minutes on a laptop CPU and prints where the results are.")
-    p.add_argument("--skip-tune", action="store_true", help="leave out the small loss-weight search")
+    p.add_argument("--tune", action="store_true", help="also run the small loss-weight search (tune_spaces/quick.yaml; about 2.5 more minutes)")
+    p.add_argument("--skip-tune", action="store_true", help=argparse.SUPPRESS)  # the search is opt-in now
     p.add_argument("--config", "-c", default="quickstart", help="preset or YAML file; default: quickstart (tiny models, small corpus)")
     p.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help=OVERRIDES_HELP)
     return parser

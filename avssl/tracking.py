@@ -122,7 +122,13 @@ class Tracker:
         clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
         if parent_id:
             clauses.append(f"tags.`{PARENT_TAG}` = '{parent_id}'")
-        runs = self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=1000, order_by=["attributes.start_time ASC"])
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=1000, order_by=["attributes.start_time ASC"], page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                break
         if statuses:
             runs = [r for r in runs if r.info.status in set(statuses)]
         return runs

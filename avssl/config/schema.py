@@ -311,6 +311,12 @@ class StudyConfig(Section):
 class ReportConfig(Section):
     out: str = "report"
     search_run: Optional[str] = Field(None, description="a Tune search's MLflow parent run id to include")
+    run: Optional[str] = Field(None, description="a recipe's MLflow parent run id: report only its evaluations (null = every finished one)")
+    bootstrap: int = Field(2000, ge=100, description="bootstrap resamples per interval")
+    bootstrap_unit: Literal["auto", "speaker", "clip"] = Field(
+        "auto", description="what the bootstrap resamples in the test set: speakers, clips, or auto (speakers when there are at least 8)"
+    )
+    claims_task: str = Field("emotion", description="the task the paper's claims are judged on")
 
 
 class Config(Section):

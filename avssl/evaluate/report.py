@@ -1,8 +1,9 @@
-"""`avssl report`: paper-style tables and figures, read from MLflow (not from local files).
+"""`avssl report`: paper-style tables, paired differences, the paper's claims and figures, read
+from MLflow (not from local files).
 
-Tables (Markdown + CSV): methods x tasks, methods x SNR, methods x data fraction, and a search's
-trials when one is given or found. Figures are redrawn from the logged metrics and the studies'
-own figures are downloaded next to them.
+Every cell carries a 95 % interval and every comparison is a paired difference over the same test
+clips and noise (see `avssl.evaluate.stats`); differences whose interval excludes 0 are marked
+resolved. Tables name their corpus and the head setting (head, layer, frozen or fine-tuned).
 """
 
 from __future__ import annotations
@@ -11,35 +12,14 @@ import csv
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
 from avssl.config.schema import Config
+from avssl.evaluate.claims import Claim, judge, main_setting
+from avssl.evaluate.results import Cell, Record, Results, objective_cells
+from avssl.evaluate.stats import Interval, format_difference, format_interval
 from avssl.evaluate.tasks import TASKS
 from avssl.tracking import Tracker
 
-KIND_ORDER = {"pretrained": 0, "scratch": 1, "mfcc": 2, "logmel": 3}
-
-
-def _cell(mean: Optional[float], std: Optional[float]) -> str:
-    if mean is None or not np.isfinite(mean):
-        return "-"
-    return f"{mean:.3f} ± {std:.3f}"
-
-
-def _latest(runs: list[Any], key) -> dict[Any, Any]:
-    """The most recent finished run per key."""
-    out: dict[Any, Any] = {}
-    for r in sorted(runs, key=lambda r: r.info.start_time or 0):
-        if r.info.status == "FINISHED":
-            out[key(r)] = r
-    return out
-
-
-def _method_order(runs: dict[Any, Any]) -> list[str]:
-    kinds = {}
-    for r in runs.values():
-        kinds[r.data.tags.get("avssl.method")] = r.data.tags.get("avssl.method_kind", "pretrained")
-    return sorted(kinds, key=lambda m: (KIND_ORDER.get(kinds[m], 9), m))
+TASK_ORDER = ["emotion", "word", "affect"]
 
 
 def write_table(path: Path, header: list[str], rows: list[list[str]], title: str) -> str:
@@ -54,58 +34,210 @@ def write_table(path: Path, header: list[str], rows: list[list[str]], title: str
     return text
 
 
-def main_table(tracker: Tracker, out: Path) -> tuple[str, dict[str, Any]]:
-    runs = tracker.find_runs({"avssl.kind": "evaluate"})
-    # Plain evaluations, and noise-study heads trained on clean audio (the same protocol), at 100% labels.
-    runs = [
-        r for r in runs
-        if r.data.tags.get("avssl.label_fraction") == "1"
-        and (r.data.tags.get("avssl.study") is None or (r.data.tags.get("avssl.study") == "noise" and r.data.tags.get("avssl.train_with_noise") == "false"))
-    ]
-    latest = _latest(runs, lambda r: (r.data.tags["avssl.method"], r.data.tags["avssl.task"]))
-    if not latest:
-        return "", {}
-    tasks = sorted({t for _, t in latest}, key=lambda t: ["emotion", "word", "affect"].index(t) if t in ("emotion", "word", "affect") else 9)
-    methods = _method_order(latest)
-    header = ["method"] + [f"{t} ({TASKS.get(t).primary})" for t in tasks]
-    rows, data = [], {}
-    for m in methods:
-        row = [m]
-        for t in tasks:
-            r = latest.get((m, t))
-            p = TASKS.get(t).primary
-            mean = r.data.metrics.get(f"test/{p}_mean") if r else None
-            std = r.data.metrics.get(f"test/{p}_std") if r else None
-            row.append(_cell(mean, std))
-            data[(m, t)] = (mean, std)
-        rows.append(row)
-    seeds = {r.data.tags.get("avssl.seeds", "") for r in latest.values()}
-    title = f"Methods x tasks (test, mean ± std over seeds {', '.join(sorted(seeds))}; head: {', '.join(sorted({r.data.tags.get('avssl.head', '') for r in latest.values()}))})"
-    text = write_table(out / "methods_x_tasks", header, rows, title)
-    _bars(out / "figures" / "methods_x_tasks.png", methods, tasks, data)
-    return text, {"methods": methods, "tasks": tasks, "cells": data}
+def _cell_text(iv: Optional[Interval]) -> str:
+    return "-" if iv is None else format_interval(iv)
 
 
-def _bars(path: Path, methods: list[str], tasks: list[str], data: dict) -> None:
+def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3), squeeze=False)
-    for ax, t in zip(axes[0], tasks):
-        means = [data.get((m, t), (None, None))[0] or 0 for m in methods]
-        stds = [data.get((m, t), (None, None))[1] or 0 for m in methods]
-        ax.bar(range(len(methods)), means, yerr=stds, capsize=3)
-        ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=7)
-        ax.set_title(f"{t} ({TASKS.get(t).primary})", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
-def _latest_study(tracker: Tracker, study: str) -> Optional[Any]:
-    runs = [r for r in tracker.find_runs({"avssl.kind": "study", "avssl.study": study}) if r.info.status == "FINISHED"]
+def _setting_name(setting: tuple[str, str, str]) -> str:
+    head, layer, mode = setting
+    return f"{head} head, {mode}" + (f", layer {layer}" if layer not in ("-", "last") else "")
+
+
+def _task_sort(t: str) -> tuple:
+    return (TASK_ORDER.index(t) if t in TASK_ORDER else 9, t)
+
+
+# -- main results ------------------------------------------------------------------------------
+def main_tables(res: Results, out: Path) -> tuple[list[str], dict[str, Any]]:
+    records = res.main_records()
+    settings = sorted({r.setting for r in records})
+    texts, data = [], {}
+    for k, setting in enumerate(settings):
+        rs = [r for r in records if r.setting == setting]
+        columns = sorted({(r.task, r.corpus) for r in rs}, key=lambda tc: (_task_sort(tc[0]), tc[1]))
+        methods: list[str] = []
+        for r in rs:
+            if r.method not in methods:
+                methods.append(r.method)
+        header = ["method"] + [f"{t} ({TASKS.get(t).primary}) on {c}" for t, c in columns]
+        rows = []
+        for m in methods:
+            row = [m]
+            for t, c in columns:
+                rec = next((r for r in rs if r.method == m and r.task == t and r.corpus == c), None)
+                iv = res.interval(Cell(m, [rec]), rec.primary) if rec else None
+                data[(m, t, c, setting)] = iv
+                row.append(_cell_text(iv))
+            rows.append(row)
+        suffix = "" if k == 0 else f"_{k + 1}"
+        title = f"Methods x tasks, test, 95 % intervals ({_setting_name(setting)}; seeds {', '.join(sorted({r.tags.get('avssl.seeds', '') for r in rs}))})"
+        texts.append(write_table(out / f"methods_x_tasks{suffix}", header, rows, title))
+        texts.append(differences_table(res, rs, columns, out / f"differences{suffix}", setting))
+    return texts, data
+
+
+COMPARISONS = [("av", "scratch"), ("audio", "scratch"), ("visual", "scratch"), ("av", "mfcc"), ("audio", "mfcc"), ("visual", "mfcc"),
+               ("av", "logmel"), ("audio", "logmel"), ("visual", "logmel"), ("av", "audio"), ("av", "visual"), ("audio", "visual")]
+
+
+def differences_table(res: Results, records: list[Record], columns: list[tuple[str, str]], path: Path, setting) -> str:
+    rows, forest = [], []
+    per_column = {tc: objective_cells([r for r in records if (r.task, r.corpus) == tc]) for tc in columns}
+    for a, b in COMPARISONS:
+        row, any_ = [f"{a} - {b}"], False
+        for tc in columns:
+            cells = per_column[tc]
+            iv = res.difference(cells[a], cells[b], TASKS.get(tc[0]).primary) if a in cells and b in cells else None
+            row.append("-" if iv is None else format_difference(iv))
+            if iv is not None:
+                any_ = True
+                forest.append((f"{tc[0]}: {a} - {b}", iv))
+        if any_:
+            rows.append(row)
+    if not rows:
+        return ""
+    from avssl.evaluate.stat_figures import forest_plot
+
+    _save(forest_plot(forest, f"paired differences ({_setting_name(setting)})", "difference in the task's metric"), path.parent / "figures" / f"{path.name}.png")
+    header = ["difference"] + [f"{t} ({TASKS.get(t).primary}) on {c}" for t, c in columns]
+    return write_table(path, header, rows, f"Paired differences (same test clips; resolved = the 95 % interval excludes 0; {_setting_name(setting)})")
+
+
+# -- studies -----------------------------------------------------------------------------------
+def _latest_study(tracker: Tracker, study: str, parent: Optional[tuple[str, str]]) -> Optional[Any]:
+    query = {"avssl.kind": "study", "avssl.study": study}
+    if parent:
+        query[parent[0]] = parent[1]
+    runs = [r for r in tracker.find_runs(query) if r.info.status == "FINISHED"]
     return runs[-1] if runs else None
+
+
+def _study_records(res: Results, study_id: str) -> list[Record]:
+    out: dict[tuple, Record] = {}
+    for r in res.records:
+        if r.tags.get("avssl.study_run_id") == study_id:
+            out[(r.method, r.fraction)] = r
+    return sorted(out.values(), key=lambda r: (r.kind != "pretrained", r.method, r.fraction))
+
+
+def _cond_sort(c: str) -> tuple:
+    if c == "clean":
+        return (0, "", 0.0)
+    kind, snr = c.rsplit("_", 1)
+    return (1, kind, -float(snr.rstrip("dB")))
+
+
+def noise_section(res: Results, tracker: Tracker, out: Path, parent) -> str:
+    study = _latest_study(tracker, "noise", parent)
+    if study is None:
+        return ""
+    recs = _study_records(res, study.info.run_id)
+    if not recs:
+        return ""
+    task, corpus, metric = recs[0].task, recs[0].corpus, recs[0].primary
+    conds = sorted({c for r in recs for c in r.conditions()}, key=_cond_sort)
+    header = ["method"] + conds
+    rows, series = [], {}
+    for r in recs:
+        ivs = [res.interval(Cell(r.method, [r], c), metric) for c in conds]
+        rows.append([r.method] + [_cell_text(iv) for iv in ivs])
+        series[r.method] = ivs
+    text = write_table(out / "methods_x_snr", header, rows, f"Methods x noise condition ({task} on {corpus}, test {metric}, 95 % intervals; study run {study.info.run_id})")
+    from avssl.evaluate.stat_figures import band_plot
+
+    kinds = sorted({c.rsplit("_", 1)[0] for c in conds if c != "clean"})
+    for kind in kinds:
+        cs = ["clean"] + [c for c in conds if c.startswith(kind + "_")]
+        idx = [conds.index(c) for c in cs]
+        labels = ["clean"] + [c.rsplit("_", 1)[1] for c in cs[1:]]
+        _save(band_plot(labels, {m: [v[i] for i in idx] for m, v in series.items()}, "SNR", f"test {metric}", f"{task} with {kind} noise ({corpus})"),
+              out / "figures" / f"snr_{kind}.png")
+    cells = {c: objective_cells(recs, c) for c in conds}
+    diff_rows = []
+    for a, b in (("av", "audio"), ("av", "visual"), ("av", "scratch"), ("audio", "scratch"), ("visual", "scratch"), ("av", "mfcc")):
+        if a in cells[conds[0]] and b in cells[conds[0]]:
+            diff_rows.append([f"{a} - {b}"] + ["-" if (iv := res.difference(cells[c][a], cells[c][b], metric)) is None else format_difference(iv) for c in conds])
+    if diff_rows:
+        text += "\n" + write_table(out / "differences_x_snr", ["difference"] + conds, diff_rows, f"Paired differences at each noise condition ({task}, same noisy clips for both methods)")
+    return text
+
+
+def datasize_section(res: Results, tracker: Tracker, out: Path, parent) -> str:
+    study = _latest_study(tracker, "datasize", parent)
+    if study is None:
+        return ""
+    recs = _study_records(res, study.info.run_id)
+    if not recs:
+        return ""
+    task, corpus, metric = recs[0].task, recs[0].corpus, recs[0].primary
+    fractions = sorted({r.fraction for r in recs})
+    methods: list[str] = []
+    for r in recs:
+        if r.method not in methods:
+            methods.append(r.method)
+    rows, series = [], {}
+    for m in methods:
+        ivs, gaps = [], []
+        for f in fractions:
+            r = next((x for x in recs if x.method == m and x.fraction == f), None)
+            ivs.append(res.interval(Cell(m, [r]), metric) if r else None)
+            g = r.arrays().get("gap") if r is not None and r.arrays() is not None else None
+            gaps.append("-" if g is None else f"{g.mean():.2f}")
+        series[m] = ivs
+        rows.append([m] + [_cell_text(iv) for iv in ivs] + [" / ".join(gaps)])
+    header = ["method"] + [f"{100 * f:g}% labels" for f in fractions] + ["overfitting gap (best train - best val) per fraction"]
+    text = write_table(out / "methods_x_fraction", header, rows, f"Methods x labelled-data fraction ({task} on {corpus}, test {metric}, 95 % intervals; study run {study.info.run_id})")
+    from avssl.evaluate.stat_figures import band_plot
+
+    _save(band_plot([f"{100 * f:g}%" for f in fractions], series, "labelled training data", f"test {metric}", f"{task}: data fraction ({corpus})"), out / "figures" / "fraction.png")
+    diff_rows = []
+    for a in ("av", "audio", "visual"):
+        for b in ("scratch", "mfcc"):
+            row, any_ = [f"{a} - {b}"], False
+            for f in fractions:
+                cells = objective_cells([r for r in recs if r.fraction == f])
+                iv = res.difference(cells[a], cells[b], metric) if a in cells and b in cells else None
+                any_ = any_ or iv is not None
+                row.append("-" if iv is None else format_difference(iv))
+            if any_:
+                diff_rows.append(row)
+    if diff_rows:
+        text += "\n" + write_table(out / "differences_x_fraction", ["difference"] + [f"{100 * f:g}%" for f in fractions], diff_rows, f"Paired differences at each label fraction ({task})")
+    return text
+
+
+# -- claims ------------------------------------------------------------------------------------
+def claims_section(claims: list[Claim], out: Path) -> str:
+    from avssl.evaluate.stat_figures import forest_plot
+
+    lines = ["### The paper's claims on this run", "",
+             "A claim is *supported* when each of its primary differences is resolved in its favour (95 % interval "
+             "above 0), *contradicted* when any is resolved against it, *unresolved* otherwise.", ""]
+    for c in claims:
+        lines.append(f"**{c.number}. {c.text}: {c.verdict.upper()}**" + (f" ({c.note})" if c.note else ""))
+        for label, iv in c.primary:
+            lines.append(f"- {label}: {format_difference(iv)}")
+        for label, iv in c.context:
+            lines.append(f"- context, {label}: {format_difference(iv)}")
+        lines.append("")
+        rows = c.primary + [(f"(context) {l}", iv) for l, iv in c.context]
+        if rows:
+            _save(forest_plot(rows, f"claim {c.number}: {c.verdict}", "difference"), out / "figures" / f"claim_{c.number}.png")
+    text = "\n".join(lines) + "\n"
+    (out / "claims.md").write_text(text)
+    return text
+
+
+def claims_summary(claims: list[Claim]) -> str:
+    return "\n".join(f"  claim {c.number} ({c.text}): {c.verdict}" for c in claims)
 
 
 def _download_figures(tracker: Tracker, run_id: str, out: Path) -> list[str]:
@@ -114,57 +246,6 @@ def _download_figures(tracker: Tracker, run_id: str, out: Path) -> list[str]:
         if a.path.endswith(".png"):
             got.append(str(tracker.download(run_id, a.path, out / "figures")))
     return got
-
-
-def noise_table(tracker: Tracker, out: Path) -> str:
-    study = _latest_study(tracker, "noise")
-    if study is None:
-        return ""
-    children = tracker.find_runs({"avssl.study_run_id": study.info.run_id})
-    latest = _latest(children, lambda r: r.data.tags["avssl.method"])
-    task = study.data.tags.get("avssl.task", "emotion")
-    p = TASKS.get(task).primary
-    snrs = study.data.params.get("study.noise.snrs", "")
-    conds = ["clean"]
-    for kind in ("white", "babble"):
-        conds += sorted({k.split("/")[1] for r in latest.values() for k in r.data.metrics if k.startswith(f"noise/{kind}_")},
-                        key=lambda c: -float(c.split("_")[1].rstrip("dB")))
-    header = ["method"] + conds
-    rows = []
-    for m in _method_order(latest):
-        r = latest[m]
-        row = [m]
-        for c in conds:
-            prefix = "test/" if c == "clean" else f"noise/{c}/"
-            row.append(_cell(r.data.metrics.get(f"{prefix}{p}_mean"), r.data.metrics.get(f"{prefix}{p}_std")))
-        rows.append(row)
-    _download_figures(tracker, study.info.run_id, out)
-    return write_table(out / "methods_x_snr", header, rows, f"Methods x SNR ({task}, test {p}; SNRs {snrs}; study run {study.info.run_id})")
-
-
-def datasize_table(tracker: Tracker, out: Path) -> str:
-    study = _latest_study(tracker, "datasize")
-    if study is None:
-        return ""
-    children = tracker.find_runs({"avssl.study_run_id": study.info.run_id})
-    latest = _latest(children, lambda r: (r.data.tags["avssl.method"], float(r.data.tags["avssl.label_fraction"])))
-    fractions = sorted({f for _, f in latest})
-    task = study.data.tags.get("avssl.task", "emotion")
-    p = TASKS.get(task).primary
-    header = ["method"] + [f"{100 * f:g}% labels" for f in fractions] + [f"gap at {100 * fractions[0]:g}%", f"gap at {100 * fractions[-1]:g}%"]
-    rows = []
-    methods = sorted({m for m, _ in latest}, key=lambda m: (KIND_ORDER.get(next(r for (mm, _), r in latest.items() if mm == m).data.tags.get("avssl.method_kind"), 9), m))
-    for m in methods:
-        row = [m]
-        for f in fractions:
-            r = latest.get((m, f))
-            row.append(_cell(r.data.metrics.get(f"test/{p}_mean"), r.data.metrics.get(f"test/{p}_std")) if r else "-")
-        for f in (fractions[0], fractions[-1]):
-            r = latest.get((m, f))
-            row.append(_cell(r.data.metrics.get("overfit/gap_mean"), r.data.metrics.get("overfit/gap_std")) if r else "-")
-        rows.append(row)
-    _download_figures(tracker, study.info.run_id, out)
-    return write_table(out / "methods_x_fraction", header, rows, f"Methods x labelled-data fraction ({task}, test {p}; gap = best train - best val; study run {study.info.run_id})")
 
 
 def search_table(tracker: Tracker, out: Path, search_run: Optional[str]) -> str:
@@ -193,18 +274,55 @@ def search_table(tracker: Tracker, out: Path, search_run: Optional[str]) -> str:
     return write_table(out / "search", header, [r for _, r in rows], f"Search '{parent.data.tags.get('avssl.search_name', parent.info.run_name)}' ({len(trials)} trials, {mode} {metric}; run {parent.info.run_id})")
 
 
-def build_report(cfg: Config, tracker: Optional[Tracker] = None) -> dict[str, Any]:
+def build_report(cfg: Config, tracker: Optional[Tracker] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
+    """The report of every finished evaluation in the experiment, or of one recipe's (its parent run)."""
     tracker = tracker or Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)
     out = Path(cfg.report.out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    main, data = main_table(tracker, out)
-    sections = [s for s in (main, noise_table(tracker, out), datasize_table(tracker, out), search_table(tracker, out, cfg.report.search_run)) if s]
+    for old in (out / "figures").glob("*.png"):
+        old.unlink()
+    parent_run_id = parent_run_id or cfg.report.run
+    parent = ("avssl.recipe_run_id", parent_run_id) if parent_run_id else None
+    res = Results.load(tracker, parent, n_boot=cfg.report.bootstrap, unit=cfg.report.bootstrap_unit)
+    main, data = main_tables(res, out)
+    claims = judge(res, cfg.report.claims_task) if res.records else []
+    claims_text = claims_section(claims, out) if claims else ""
+    sections = [s for s in main + [noise_section(res, tracker, out, parent), datasize_section(res, tracker, out, parent),
+                                   claims_text, search_table(tracker, out, cfg.report.search_run)] if s]
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
-    text = f"# avssl report\n\nExperiment '{tracker.experiment_name}' in {tracker.uri}\n\n" + "\n".join(sections)
+    units = sorted({res.unit_of(r.arrays()["speakers"]) for r in res.records[-50:] if r.arrays() is not None})
+    method = (f"Intervals: 95 % percentile bootstrap, {cfg.report.bootstrap} resamples, over head seeds (and pretrained encoders of "
+              f"one objective, stacked as seeds) x {' / '.join(units) or 'test clips'}; differences are paired over the same test clips "
+              f"and noise. Resolved = the interval excludes 0.")
+    text = f"# avssl report\n\nExperiment '{tracker.experiment_name}' in {tracker.uri}\n\n{method}\n\n" + "\n".join(sections)
     if figures:
         text += "\n### Figures\n\n" + "\n".join(f"![{f}](figures/{f})" for f in figures) + "\n"
     (out / "report.md").write_text(text)
-    return {"out": str(out), "main": main, "sections": sections, "data": data, "figures": figures}
+    report_run = log_report(tracker, out, claims, parent_run_id)
+    return {"out": str(out), "main": main[0] if main else "", "sections": sections, "data": data, "figures": figures,
+            "claims": claims, "claims_text": claims_text, "run_id": report_run}
+
+
+def log_report(tracker: Tracker, out: Path, claims: list[Claim], parent_run_id: Optional[str]) -> Optional[str]:
+    """The report as an MLflow run (child of the recipe's parent run, if any) with the claims' verdicts
+    as tags, on the report run and on the parent run."""
+    if not claims:
+        return None
+    tags = {"avssl.kind": "report"}
+    verdicts = {f"avssl.claim{c.number}": c.verdict for c in claims}
+    run_id = tracker.start_run("report", {**tags, **verdicts, **({"avssl.recipe_run_id": parent_run_id} if parent_run_id else {})}, parent_id=parent_run_id)
+    for c in claims:
+        for label, iv in c.primary:
+            key = "".join(ch if ch.isalnum() else "_" for ch in label)[:80]
+            tracker.log_metrics(run_id, {f"claim{c.number}/{key}": iv.estimate, f"claim{c.number}/{key}_low": iv.low, f"claim{c.number}/{key}_high": iv.high})
+    for path in sorted(out.glob("*.md")) + sorted(out.glob("*.csv")):
+        tracker.log_artifact(run_id, path)
+    for path in sorted((out / "figures").glob("*.png")):
+        tracker.log_artifact(run_id, path, "figures")
+    tracker.end_run(run_id, "FINISHED")
+    if parent_run_id:
+        tracker.set_tags(parent_run_id, verdicts)
+    return run_id
 
 
 def report_command(cfg: Config) -> int:
@@ -213,5 +331,7 @@ def report_command(cfg: Config) -> int:
         print("no finished evaluations or studies in MLflow yet: run `avssl evaluate` or `avssl study` first")
         return 1
     print(r["main"] or r["sections"][0])
+    if r["claims_text"]:
+        print(r["claims_text"])
     print(f"report with {len(r['sections'])} tables and {len(r['figures'])} figures: {r['out']}/report.md")
     return 0

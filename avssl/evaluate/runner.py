@@ -192,6 +192,9 @@ def log_predictions(tracker: Tracker, run_id: str, results: list[HeadResult], tr
     }
     for cond in results[0].predictions:
         arrays[f"pred/{cond}"] = np.stack([r.predictions[cond] for r in results])
+    # Per seed: the overfitting gap (best train score - best validation score) and the best validation score.
+    arrays["gap"] = np.array([max(r.curves["train_score"]) - max(r.curves["val_score"]) for r in results])
+    arrays["best_val"] = np.array([max(r.curves["val_score"]) for r in results])
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / PREDICTIONS_FILE
         np.savez_compressed(path, **arrays)

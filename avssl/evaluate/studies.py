@@ -30,14 +30,20 @@ def noise_conditions(cfg: Config) -> list[Condition]:
     return out
 
 
-def _start_study(tracker: Tracker, cfg: Config, study: str, cache: TaskDataCache, parent_run_id: Optional[str]) -> str:
+def _start_study(tracker: Tracker, cfg: Config, study: str, cache: TaskDataCache, parent_run_id: Optional[str], tags: Optional[dict[str, str]] = None) -> str:
+    """The study's MLflow run; inside a recipe (`tags` carrying its id) an earlier run of the same study is reopened."""
     data = cache.get(cfg.study.task)  # the task's corpus and labels, before any compute
-    tags = {"avssl.kind": "study", "avssl.study": study, "avssl.task": cfg.study.task, "avssl.corpus": data.corpus_name,
-            "avssl.corpus_path": data.corpus_path, "avssl.head": cfg.evaluate.head, "avssl.layer": cfg.evaluate.layer,
-            "avssl.finetune": str(cfg.evaluate.finetune).lower()}
+    all_tags = {"avssl.kind": "study", "avssl.study": study, "avssl.task": cfg.study.task, "avssl.corpus": data.corpus_name,
+                "avssl.corpus_path": data.corpus_path, "avssl.head": cfg.evaluate.head, "avssl.layer": cfg.evaluate.layer,
+                "avssl.finetune": str(cfg.evaluate.finetune).lower(), **(tags or {})}
     params = {f"study.{k}": v for k, v in flatten(cfg.study.model_dump(mode="json")).items()}
     params.update({f"evaluate.{k}": v for k, v in flatten(cfg.evaluate.model_dump(mode="json")).items()})
-    return tracker.start_run(f"study-{study}-{cfg.study.task}", tags, params, parent_id=parent_run_id)
+    if tags:
+        key = {"avssl.kind": "study", "avssl.study": study, **tags}
+        run_id, _ = tracker.find_or_start_run(f"study-{study}-{cfg.study.task}", key, params, parent_id=parent_run_id)
+        tracker.set_tags(run_id, all_tags)
+        return run_id
+    return tracker.start_run(f"study-{study}-{cfg.study.task}", all_tags, params, parent_id=parent_run_id)
 
 
 @dataclass
@@ -54,6 +60,9 @@ class StudyPlan:
 
     def finish(self, summaries: list[EvalSummary]) -> dict[str, Any]:
         try:
+            if not summaries:  # every job finished in an earlier run (a resumed recipe)
+                self.tracker.end_run(self.run_id, "FINISHED")
+                return {"run_id": self.run_id, "table": {}, "metric": TASKS.get(self.cfg.study.task).primary, "fractions": self.cfg.study.datasize.fractions}
             out = _finish_noise(self, summaries) if self.kind == "noise" else _finish_datasize(self, summaries)
             self.tracker.end_run(self.run_id, "FINISHED")
         except BaseException:
@@ -62,18 +71,23 @@ class StudyPlan:
         return {"run_id": self.run_id, **out}
 
 
-def plan_noise_study(cfg: Config, tracker: Tracker, cache: TaskDataCache, parent_run_id: Optional[str] = None) -> StudyPlan:
+def plan_noise_study(cfg: Config, tracker: Tracker, cache: TaskDataCache, parent_run_id: Optional[str] = None,
+                     tags: Optional[dict[str, str]] = None, done: frozenset[str] = frozenset()) -> StudyPlan:
+    """`tags` go on the study and every evaluation (a recipe's id); jobs whose `avssl.job` key is in
+    `done` finished in an earlier run of the recipe and are not rerun."""
     conditions = noise_conditions(cfg)
     train_conditions = tuple(c for c in conditions if c != CLEAN) if cfg.study.noise.train_with_noise else ()
     sources = resolve_sources(cfg.study.methods, cfg, tracker, cfg.seed)
-    study_id = _start_study(tracker, cfg, "noise", cache, parent_run_id)
+    study_id = _start_study(tracker, cfg, "noise", cache, parent_run_id, tags)
     jobs = [
         EvalJob(
             source, cfg.study.task, test_conditions=tuple(conditions), train_conditions=train_conditions, parent_run_id=study_id,
-            extra_tags={"avssl.study": "noise", "avssl.study_run_id": study_id, "avssl.train_with_noise": str(bool(train_conditions)).lower()},
+            extra_tags={"avssl.study": "noise", "avssl.study_run_id": study_id, "avssl.train_with_noise": str(bool(train_conditions)).lower(),
+                        "avssl.job": f"noise/{cfg.study.task}/{source.name}", **(tags or {})},
             run_name=f"noise-{source.name}",
         )
         for source in sources
+        if f"noise/{cfg.study.task}/{source.name}" not in done
     ]
     print(f"noise study on {cfg.study.task}: {', '.join(s.name for s in sources)} x {len(conditions)} conditions", flush=True)
     return StudyPlan("noise", study_id, jobs, cfg, tracker)
@@ -103,17 +117,19 @@ def _finish_noise(plan: StudyPlan, summaries: list[EvalSummary]) -> dict[str, An
     return {"table": table, "metric": primary}
 
 
-def plan_datasize_study(cfg: Config, tracker: Tracker, cache: TaskDataCache, parent_run_id: Optional[str] = None) -> StudyPlan:
+def plan_datasize_study(cfg: Config, tracker: Tracker, cache: TaskDataCache, parent_run_id: Optional[str] = None,
+                        tags: Optional[dict[str, str]] = None, done: frozenset[str] = frozenset()) -> StudyPlan:
     sources = resolve_sources(cfg.study.methods, cfg, tracker, cfg.seed)
-    study_id = _start_study(tracker, cfg, "datasize", cache, parent_run_id)
+    study_id = _start_study(tracker, cfg, "datasize", cache, parent_run_id, tags)
     jobs = [
         EvalJob(
             source, cfg.study.task, label_fraction=fraction, parent_run_id=study_id,
-            extra_tags={"avssl.study": "datasize", "avssl.study_run_id": study_id},
+            extra_tags={"avssl.study": "datasize", "avssl.study_run_id": study_id, "avssl.job": f"datasize/{cfg.study.task}/{source.name}/{fraction:g}", **(tags or {})},
             run_name=f"datasize-{source.name}-{fraction:g}",
         )
         for source in sources
         for fraction in cfg.study.datasize.fractions
+        if f"datasize/{cfg.study.task}/{source.name}/{fraction:g}" not in done
     ]
     print(f"datasize study on {cfg.study.task}: {', '.join(s.name for s in sources)} x fractions {cfg.study.datasize.fractions}", flush=True)
     return StudyPlan("datasize", study_id, jobs, cfg, tracker)

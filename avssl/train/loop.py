@@ -205,7 +205,7 @@ def build_parts(cfg: Config, rank: int, world: int, device: torch.device) -> Tra
     model = AVSSLModel(cfg.model, cfg.objective, corpus.frame_size, objective.visual, objective.audio)
     if objective.audio:  # the same clips on every rank: identical statistics
         sample = rows_for_pretraining(corpus, 1.0, cfg.seed, max_clips=128)
-        fit_target_stats(model, (b["wave"] for _, b in iterate_rows(corpus, sample, 32)), cfg.objective.audio)
+        fit_target_stats(model, (b for _, b in iterate_rows(corpus, sample, 32)), cfg.objective.audio)
     model = model.to(device)
     epoch_steps = [stream.batches_in_epoch(e) for e in range(cfg.train.epochs)]
     total_steps = sum(epoch_steps)
@@ -323,7 +323,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if cfg.train.probe.enabled:
             from avssl.train.probe import QuickProbe
 
-            probe = QuickProbe(corpus, cfg.train.probe.task, cfg.train.probe.max_clips, cfg.seed)
+            from avssl.config.schema import probe_corpus
+
+            probe = QuickProbe(Corpus(probe_corpus(cfg)), cfg.train.probe.task, cfg.train.probe.max_clips, cfg.seed)
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
         if not with_checkpoint:

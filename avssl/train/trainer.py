@@ -212,19 +212,23 @@ def pretrain_command(cfg: Config) -> int:
     return 0
 
 
-def _pretrain_remote(cfg_tree: dict[str, Any]) -> PretrainResult:
+def _pretrain_remote(cfg_tree: dict[str, Any], parent_run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None) -> PretrainResult:
     from avssl.config.loader import config_from_dict
 
-    return pretrain(config_from_dict(cfg_tree))
+    return pretrain(config_from_dict(cfg_tree), parent_run_id, extra_tags)
 
 
-def pretrain_many(cfgs: list[Config], on_done=None) -> list[PretrainResult]:
+def pretrain_many(cfgs: list[Config], on_done=None, parent_run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None) -> list[PretrainResult]:
     """Several pretrainings at once, as many as the cluster's CPUs hold (each `TorchTrainer` is
     driven from a zero-CPU Ray task, the way Tune drives trials). Results keep the input order."""
     import ray
 
     if len(cfgs) <= 1:
-        return [pretrain(c) for c in cfgs]
+        out = [pretrain(c, parent_run_id, extra_tags) for c in cfgs]
+        for r in out:
+            if on_done:
+                on_done(r)
+        return out
     first = cfgs[0].train
     ensure_ray(first.ray_address)
     for c in cfgs:
@@ -238,7 +242,7 @@ def pretrain_many(cfgs: list[Config], on_done=None) -> list[PretrainResult]:
     while queue or running:
         while queue and len(running) < slots:
             i, c = queue.pop(0)
-            running[drive.remote(c.model_dump(mode="json"))] = i
+            running[drive.remote(c.model_dump(mode="json"), parent_run_id, extra_tags)] = i
         done, _ = ray.wait(list(running), num_returns=1)
         i = running.pop(done[0])
         try:

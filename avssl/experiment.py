@@ -1,0 +1,282 @@
+"""Experiment recipes: one YAML file per table of the paper's protocol (experiments/*.yaml), run
+with one command, resumable, all under one MLflow parent run.
+
+A recipe names a base config and overrides, optionally the synthetic corpora to generate, the
+encoders to pretrain (objectives x pretraining seeds), and what to evaluate: the main table
+(tasks x methods), the noise study, the dataset-size study, a loss-weight search. Every run it
+creates carries the recipe's parent run id (`avssl.recipe_run_id`); a rerun finds finished
+pretrainings and evaluations in MLflow and reuses them. It ends with the report of its own runs:
+tables with intervals, paired differences and the paper's claims as verdicts.
+
+`scale` overrides size the offline run (epochs, pool size); `--config paper` (or any other base)
+drops them and keeps the protocol (`overrides`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import Field, ValidationError
+
+from avssl.config.schema import Config, Section
+from avssl.errors import ConfigError
+from avssl.tracking import Tracker, mlflow_ui_hint
+
+OBJECTIVE_NAMES = ("visual", "audio", "av")
+BASELINE_NAMES = ("scratch", "mfcc", "logmel")
+
+
+class PretrainSpec(Section):
+    objectives: list[str] = ["visual", "audio", "av"]
+    seeds: list[int] = Field([0], min_length=1, description="pretraining seeds: one encoder per objective and seed")
+    encoders: Optional[str] = Field(None, description="run-name prefix of the encoders (recipes sharing it share encoders); default: the recipe's name")
+    overrides: list[str] = []
+
+
+class EvalSpec(Section):
+    tasks: list[str] = ["emotion", "word", "affect"]
+    methods: list[str] = ["pretrained", "scratch", "mfcc", "logmel"]
+
+
+class StudySpec(Section):
+    task: str = "emotion"
+    methods: list[str] = ["pretrained", "scratch", "mfcc", "logmel"]
+
+
+class SearchSpec(Section):
+    space: str
+    overrides: list[str] = []
+
+
+class Recipe(Section):
+    name: str
+    description: str = ""
+    config: str = "tiny"
+    overrides: list[str] = Field([], description="the protocol: applied whatever the base config")
+    scale: list[str] = Field([], description="sizes for the recipe's own base config; dropped under another --config")
+    synth: bool = Field(False, description="generate the synthetic protocol corpora (synth.*) first; reused when unchanged")
+    pretrain: Optional[PretrainSpec] = PretrainSpec()
+    evaluate: Optional[EvalSpec] = None
+    noise: Optional[StudySpec] = None
+    datasize: Optional[StudySpec] = None
+    search: Optional[SearchSpec] = None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    from avssl.config.loader import read_yaml_mapping
+
+    data = read_yaml_mapping(Path(path), "experiment recipe")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"{path}: invalid recipe:\n" + "\n".join(lines)) from None
+
+
+def recipe_config(recipe: Recipe, config: Optional[str], overrides: list[str]) -> Config:
+    from avssl.config import load_config
+
+    own = config is None or config == recipe.config
+    return load_config(recipe.config if own else config, (recipe.scale if own else []) + recipe.overrides + list(overrides))
+
+
+@dataclass
+class Encoder:
+    objective: str
+    seed: int
+    run_id: str
+    reused: bool
+
+
+def _expand(methods: list[str], encoders: list[Encoder]) -> list[str]:
+    out: list[str] = []
+    for m in methods:
+        if m == "pretrained":
+            out += [e.run_id for e in encoders]
+        elif m in OBJECTIVE_NAMES:
+            out += [e.run_id for e in encoders if e.objective == m]
+        elif m in BASELINE_NAMES:
+            out.append(m)
+        else:
+            raise ConfigError(f"recipe method '{m}': use pretrained, an objective ({', '.join(OBJECTIVE_NAMES)}) or a baseline ({', '.join(BASELINE_NAMES)})")
+    return list(dict.fromkeys(out))
+
+
+class RecipeRun:
+    """One run of a recipe: its MLflow parent run, and each step reusing what finished before."""
+
+    def __init__(self, recipe: Recipe, cfg: Config, quiet: bool = False):
+        self.recipe, self.cfg = recipe, cfg
+        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)
+        self.timings: dict[str, float] = {}
+        key = {"avssl.kind": "recipe", "avssl.recipe": recipe.name}
+        from avssl.config.loader import flatten
+
+        self.parent_id, self.resumed = self.tracker.find_or_start_run(
+            f"recipe-{recipe.name}", key, params={**{f"recipe.{k}": v for k, v in flatten(recipe.model_dump(mode="json")).items()}},
+        )
+        self.tracker.set_tags(self.parent_id, {"avssl.recipe_description": recipe.description[:4000], "avssl.preset": cfg.preset})
+        self.tags = {"avssl.recipe_run_id": self.parent_id, "avssl.recipe": recipe.name}
+
+    def step(self, title: str) -> float:
+        print(f"\n=== {title} ===", flush=True)
+        return time.perf_counter()
+
+    # -- steps ------------------------------------------------------------------------------------
+    def synth(self) -> None:
+        from avssl.data.pipeline import synth_command
+        from avssl.quickstart import protocol_matches
+
+        if protocol_matches(self.cfg):
+            print(f"reusing {self.cfg.synth.out} (same generator settings)")
+        else:
+            synth_command(self.cfg, overwrite=True)
+
+    def pretrain(self) -> list[Encoder]:
+        from avssl.train.trainer import pretrain_many
+
+        spec = self.recipe.pretrain
+        if spec is None:
+            return []
+        prefix = spec.encoders or self.recipe.name
+        encoders, todo = [], []
+        for objective in spec.objectives:
+            for seed in spec.seeds:
+                name = f"{prefix}-{objective}-s{seed}"
+                done = [r for r in self.tracker.find_runs({"avssl.kind": "pretrain", "avssl.run_name": name}) if r.info.status == "FINISHED"]
+                if done:
+                    encoders.append(Encoder(objective, seed, done[-1].info.run_id, True))
+                    print(f"  {name}: finished earlier, reused (run {done[-1].info.run_id})")
+                    continue
+                from avssl.config.loader import apply_overrides, config_from_dict
+
+                tree = apply_overrides(self.cfg.model_dump(mode="json"), spec.overrides + [f"objective.name={objective}", f"seed={seed}", f"run_name={name}"])
+                todo.append((objective, seed, config_from_dict(tree)))
+
+        def done_cb(r: Any) -> None:
+            print(f"  {r.run_name}: {r.metrics.get('step')} steps, val loss {r.metrics.get('val/loss', float('nan')):.4f}, "
+                  f"probe {r.metrics.get('probe/val_uar', r.metrics.get('probe/val_ccc', float('nan'))):.3f}, {r.seconds:.0f} s, run {r.run_id}", flush=True)
+
+        results = pretrain_many([c for _, _, c in todo], on_done=done_cb, parent_run_id=self.parent_id, extra_tags=self.tags) if todo else []
+        encoders += [Encoder(o, s, r.run_id, False) for (o, s, _), r in zip(todo, results)]
+        order = {o: i for i, o in enumerate(spec.objectives)}
+        return sorted(encoders, key=lambda e: (order[e.objective], e.seed))
+
+    def finished_jobs(self) -> frozenset[str]:
+        runs = self.tracker.find_runs({"avssl.kind": "evaluate", "avssl.recipe_run_id": self.parent_id})
+        return frozenset(r.data.tags["avssl.job"] for r in runs if r.info.status == "FINISHED" and "avssl.job" in r.data.tags)
+
+    def evaluate(self, encoders: list[Encoder]) -> None:
+        from avssl.evaluate.runner import EvalJob, TaskDataCache, format_row
+        from avssl.evaluate.sources import resolve_sources
+        from avssl.evaluate.studies import plan_datasize_study, plan_noise_study, run_studies
+
+        r, cfg = self.recipe, self.cfg
+        done = self.finished_jobs()
+        cache = TaskDataCache(cfg)
+        for task in sorted({t for t in ((r.evaluate.tasks if r.evaluate else []) + [s.task for s in (r.noise, r.datasize) if s])}):
+            cache.get(task)  # every corpus and its labels, before any compute
+        plans = []
+        for kind, spec, planner in (("noise", r.noise, plan_noise_study), ("datasize", r.datasize, plan_datasize_study)):
+            if spec is None:
+                continue
+            study_cfg = cfg.model_copy(deep=True)
+            study_cfg.study.methods = _expand(spec.methods, encoders)
+            study_cfg.study.task = spec.task
+            plans.append(planner(study_cfg, self.tracker, cache, self.parent_id, self.tags, done))
+        extra: list[EvalJob] = []
+        if r.evaluate:
+            methods = _expand(r.evaluate.methods, encoders)
+            sources = resolve_sources(methods, cfg, self.tracker, cfg.seed)
+            in_noise = {(r.noise.task, m) for m in _expand(r.noise.methods, encoders)} if r.noise else set()
+            for task in r.evaluate.tasks:
+                for spec, source in zip(methods, sources):
+                    if (task, spec) in in_noise:  # the noise study's heads are trained on clean audio: they are this cell
+                        continue
+                    key = f"main/{task}/{source.name}"
+                    if key not in done:
+                        extra.append(EvalJob(source, task, extra_tags={"avssl.job": key, **self.tags}))
+        n_jobs = sum(len(p.jobs) for p in plans) + len(extra)
+        print(f"{n_jobs} evaluations to run ({len(done)} finished earlier, reused); {len(cfg.evaluate.seeds)} head seeds each", flush=True)
+        _, others = run_studies(plans, cfg, self.tracker, cache, extra_jobs=tuple(extra))
+        for s in others:
+            print(format_row(s))
+
+    def search(self) -> Optional[str]:
+        from avssl.tune.driver import print_result, run_search
+        from avssl.tune.space import load_space
+
+        spec = self.recipe.search
+        overrides = [f"data.corpus={self.cfg.data.corpus}", f"train.storage_path={self.cfg.train.storage_path}",
+                     f"tracking.experiment={self.cfg.tracking.experiment}"] + [f"evaluate.corpora.{t}={p}" for t, p in self.cfg.evaluate.corpora.items()]
+        if self.cfg.tracking.uri:
+            overrides.append(f"tracking.uri={self.cfg.tracking.uri}")
+        space, base = load_space(spec.space, overrides + spec.overrides)
+        res = run_search(space, base, name=f"{self.recipe.name}-{space.name}")
+        self.tracker.set_tags(res.parent_run_id, self.tags)
+        print_result(res, space, self.tracker.uri)
+        return res.parent_run_id
+
+    def report(self, search_run: Optional[str]) -> dict[str, Any]:
+        from avssl.evaluate.report import build_report
+
+        cfg = self.cfg.model_copy(deep=True)
+        cfg.report.search_run = search_run
+        return build_report(cfg, self.tracker, parent_run_id=self.parent_id)
+
+    # -- all of it --------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from avssl.evaluate.report import claims_summary
+
+        t_all = time.perf_counter()
+        steps = [s for s in ("synth", "pretrain", "evaluate", "search", "report") if s != "synth" or self.recipe.synth]
+        n = len(steps)
+        print(f"recipe '{self.recipe.name}': MLflow parent run {self.parent_id}" + (" (resuming)" if self.resumed else ""), flush=True)
+        try:
+            encoders: list[Encoder] = []
+            search_run = None
+            for i, name in enumerate(steps, 1):
+                if name == "synth":
+                    t = self.step(f"{i}/{n} synthetic corpora: an unlabelled pretraining pool and one labelled corpus per task, speakers disjoint")
+                    self.synth()
+                elif name == "pretrain":
+                    t = self.step(f"{i}/{n} pretraining ({', '.join(self.recipe.pretrain.objectives) if self.recipe.pretrain else 'none'}) on {self.cfg.data.corpus}")
+                    encoders = self.pretrain()
+                elif name == "evaluate":
+                    t = self.step(f"{i}/{n} evaluation on the downstream corpora")
+                    if self.recipe.evaluate or self.recipe.noise or self.recipe.datasize:
+                        self.evaluate(encoders)
+                elif name == "search":
+                    t = self.step(f"{i}/{n} search")
+                    if self.recipe.search:
+                        search_run = self.search()
+                    else:
+                        print("  none in this recipe")
+                else:
+                    t = self.step(f"{i}/{n} report (from MLflow)")
+                    report = self.report(search_run)
+                self.timings[name] = time.perf_counter() - t
+        except BaseException:
+            self.tracker.end_run(self.parent_id, "FAILED")
+            raise
+        total = time.perf_counter() - t_all
+        self.tracker.log_metrics(self.parent_id, {f"time/{k}_s": v for k, v in self.timings.items()} | {"time/total_s": total})
+        self.tracker.end_run(self.parent_id, "FINISHED")
+        for section in report["sections"]:
+            print(section)
+        print(f"recipe '{self.recipe.name}' finished in {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in self.timings.items())})")
+        if report["claims"]:
+            print("the paper's claims on this run:\n" + claims_summary(report["claims"]))
+        print(f"report: {report['out']}/report.md ({len(report['figures'])} figures); MLflow parent run {self.parent_id}")
+        print(f"browse everything: {mlflow_ui_hint(self.tracker.uri)}")
+        return {"report": report, "timings": self.timings, "total_s": total, "parent_run_id": self.parent_id}
+
+
+def experiment_command(path: str, config: Optional[str], overrides: list[str]) -> int:
+    recipe = load_recipe(path)
+    cfg = recipe_config(recipe, config, overrides)
+    RecipeRun(recipe, cfg).run()
+    return 0
