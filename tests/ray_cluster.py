@@ -1,5 +1,7 @@
 """A real Ray cluster on 127.0.0.1 for tests: a head and worker nodes started with `ray start`,
 as on real machines (one raylet each), with token authentication on and every port explicit.
+Every process of it binds and connects on loopback only (`avssl.runtime.loopback_env`), and
+`ListeningSockets` records what a process tree listens on while a test runs.
 
 Everything lives under a short temp folder of its own (socket paths have a length limit), and
 `stop()` kills only this cluster's processes: never `ray stop`, which would also stop other Ray
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Optional
 
 import psutil
+
+from avssl.runtime import loopback_env
 
 BIN = Path(sys.executable).parent
 
@@ -65,6 +70,8 @@ class LocalRayCluster:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray's cluster mode would move a node started on 127.0.0.1 to the routable address.
+            **loopback_env(),
             # Notice a dead node within seconds, not the default 15 s.
             "RAY_health_check_period_ms": str(health_check_ms),
             "RAY_health_check_timeout_ms": str(health_check_ms),
@@ -210,3 +217,69 @@ class LocalRayCluster:
             except psutil.Error:
                 pass
         psutil.wait_procs(procs, timeout=10)
+
+
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+class ListeningSockets:
+    """Samples, in a background thread, the listening TCP sockets and unconnected UDP sockets of
+    some processes and all their descendants: `{(ip, port, proto): command line}`."""
+
+    def __init__(self, roots, interval_s: float = 0.5):
+        import threading
+
+        self._roots = roots if callable(roots) else (lambda: roots)
+        self.interval_s = interval_s
+        self.seen: dict[tuple[str, int, str], str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "ListeningSockets":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.sample()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def sample(self) -> None:
+        procs: dict[int, psutil.Process] = {}
+        for root in self._roots():
+            try:
+                root = root if isinstance(root, psutil.Process) else psutil.Process(root)
+                for p in [root, *root.children(recursive=True)]:
+                    procs[p.pid] = p
+            except psutil.Error:
+                continue
+        for p in procs.values():
+            try:
+                conns = p.net_connections(kind="inet")
+                cmd = " ".join(p.cmdline())[:120]
+            except psutil.Error:
+                continue
+            for c in conns:
+                udp = c.type == socket.SOCK_DGRAM
+                if c.status == psutil.CONN_LISTEN or (udp and not c.raddr):
+                    self.seen.setdefault((c.laddr.ip, c.laddr.port, "udp" if udp else "tcp"), cmd)
+
+    def outside_loopback(self) -> dict[tuple[str, int, str], str]:
+        return {k: v for k, v in self.seen.items() if not _is_loopback(k[0])}
+
+    def table(self) -> str:
+        rows = [f"{proto} {ip}:{port:<6} {'' if _is_loopback(ip) else 'NOT LOOPBACK  '}{cmd}"
+                for (ip, port, proto), cmd in sorted(self.seen.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1]))]
+        rows.append(f"{len(self.seen)} listening sockets, {len(self.outside_loopback())} outside 127.0.0.0/8")
+        return "\n".join(rows)

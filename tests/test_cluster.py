@@ -19,7 +19,7 @@ from avssl.cluster import check_cluster_file
 from avssl.errors import ConfigError
 from avssl.runtime import free_port
 from tests.conftest import TINY_TRAIN
-from tests.ray_cluster import BIN, LocalRayCluster, registered_checkpoint_step
+from tests.ray_cluster import BIN, ListeningSockets, LocalRayCluster, registered_checkpoint_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,6 +84,34 @@ def test_broken_cluster_files_are_rejected(tmp_path):
 
     out = subprocess.run([str(BIN / "avssl"), "cluster", "check", str(_broken(tmp_path, typo))], capture_output=True, text=True)
     assert out.returncode == 2 and "rejected" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- loopback only --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_local_runtime_listens_on_loopback_only(workdir, synth_corpus):
+    """`avssl pretrain` without a cluster starts a local Ray runtime: while it trains with two DDP
+    workers, no process of its tree (GCS, raylet, dashboard, agents, workers, the torch process
+    group) listens outside 127.0.0.0/8."""
+    cmd = [str(BIN / "avssl"), "pretrain", *_tiny_args(workdir, synth_corpus, "loopback", "objective.name=audio", "train.epochs=1",
+                                                        "train.num_workers=2", "data.pretrain_fraction=0.5")]
+    (workdir / "shared").mkdir()
+    log = workdir / "pretrain.log"
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with ListeningSockets([proc.pid]) as sockets:
+            rc = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            import os
+
+            os.killpg(proc.pid, signal.SIGKILL)
+    print("\n" + sockets.table())
+    assert rc == 0, log.read_text()[-4000:]
+    ray_parts = " ".join(sockets.seen.values())
+    assert "raylet" in ray_parts and "gcs_server" in ray_parts and "RayTrainWorker" in ray_parts, sockets.table()
+    assert not sockets.outside_loopback(), sockets.table()
 
 
 # -- MLflow server faults --------------------------------------------------------------------------
@@ -236,7 +264,10 @@ def test_job_submission_to_a_local_head_with_token_auth(workdir, synth_corpus, r
               "--submission-id", "avssl-tiny-pretrain", "--", "avssl", "pretrain",
               *_tiny_args(workdir, synth_corpus, "job-tiny", "objective.name=audio", "train.epochs=1")]
     env = {k: v for k, v in ray_head.env.items()}
-    out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+    # The whole cluster (head processes, the job's driver and its Train workers) stays on loopback.
+    with ListeningSockets(ray_head._processes) as sockets:
+        out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+    assert sockets.seen and not sockets.outside_loopback(), sockets.table()
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     assert "pretrain 'job-tiny' finished" in log
