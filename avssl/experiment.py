@@ -91,6 +91,18 @@ class Encoder:
     reused: bool
 
 
+def pretrain_digest(cfg: Config) -> str:
+    """What makes two pretrainings the same: corpus, model, objective, schedule and seed (not where
+    they are stored or tracked, nor the probe)."""
+    import hashlib
+    import json
+
+    tree = cfg.model_dump(mode="json")
+    train = {k: v for k, v in tree["train"].items() if k not in ("storage_path", "ray_address", "probe", "log_level", "log_every_steps", "figure_every_epochs")}
+    keep = {"seed": tree["seed"], "data": tree["data"], "model": tree["model"], "objective": tree["objective"], "train": train}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _expand(methods: list[str], encoders: list[Encoder]) -> list[str]:
     out: list[str] = []
     for m in methods:
@@ -146,21 +158,31 @@ class RecipeRun:
         for objective in spec.objectives:
             for seed in spec.seeds:
                 name = f"{prefix}-{objective}-s{seed}"
-                done = [r for r in self.tracker.find_runs({"avssl.kind": "pretrain", "avssl.run_name": name}) if r.info.status == "FINISHED"]
-                if done:
-                    encoders.append(Encoder(objective, seed, done[-1].info.run_id, True))
-                    print(f"  {name}: finished earlier, reused (run {done[-1].info.run_id})")
-                    continue
                 from avssl.config.loader import apply_overrides, config_from_dict
 
                 tree = apply_overrides(self.cfg.model_dump(mode="json"), spec.overrides + [f"objective.name={objective}", f"seed={seed}", f"run_name={name}"])
-                todo.append((objective, seed, config_from_dict(tree)))
+                one = config_from_dict(tree)
+                digest = pretrain_digest(one)
+                done = [r for r in self.tracker.find_runs({"avssl.kind": "pretrain", "avssl.run_name": name}) if r.info.status == "FINISHED"]
+                if done:
+                    theirs = done[-1].data.tags.get("avssl.pretrain_digest")
+                    if theirs != digest:
+                        raise ConfigError(
+                            f"a finished pretraining named '{name}' (run {done[-1].info.run_id}) was trained with other settings "
+                            f"(corpus, model, objective or schedule); set pretrain.encoders in the recipe to another prefix, or remove that run"
+                        )
+                    encoders.append(Encoder(objective, seed, done[-1].info.run_id, True))
+                    print(f"  {name}: finished earlier with the same settings, reused (run {done[-1].info.run_id})")
+                    continue
+                todo.append((objective, seed, one))
 
         def done_cb(r: Any) -> None:
             print(f"  {r.run_name}: {r.metrics.get('step')} steps, val loss {r.metrics.get('val/loss', float('nan')):.4f}, "
                   f"probe {r.metrics.get('probe/val_uar', r.metrics.get('probe/val_ccc', float('nan'))):.3f}, {r.seconds:.0f} s, run {r.run_id}", flush=True)
 
         results = pretrain_many([c for _, _, c in todo], on_done=done_cb, parent_run_id=self.parent_id, extra_tags=self.tags) if todo else []
+        for (_, _, c), r in zip(todo, results):
+            self.tracker.set_tags(r.run_id, {"avssl.pretrain_digest": pretrain_digest(c)})
         encoders += [Encoder(o, s, r.run_id, False) for (o, s, _), r in zip(todo, results)]
         order = {o: i for i, o in enumerate(spec.objectives)}
         return sorted(encoders, key=lambda e: (order[e.objective], e.seed))
@@ -232,7 +254,10 @@ class RecipeRun:
         from avssl.evaluate.report import claims_summary
 
         t_all = time.perf_counter()
-        steps = [s for s in ("synth", "pretrain", "evaluate", "search", "report") if s != "synth" or self.recipe.synth]
+        synth = self.recipe.synth and Path(self.cfg.data.corpus).resolve().is_relative_to(Path(self.cfg.synth.out).resolve())
+        if self.recipe.synth and not synth:
+            print(f"data.corpus {self.cfg.data.corpus} is not under synth.out: the recipe's synthetic corpora are not generated")
+        steps = [s for s in ("synth", "pretrain", "evaluate", "search", "report") if s != "synth" or synth]
         n = len(steps)
         print(f"recipe '{self.recipe.name}': MLflow parent run {self.parent_id}" + (" (resuming)" if self.resumed else ""), flush=True)
         try:

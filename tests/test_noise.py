@@ -75,3 +75,47 @@ def test_babble_of_an_evaluation_comes_from_training_speakers_never_test_clips(s
     assert set(data.babble_pool.speakers) >= set(data.train.speakers)
     test_waves = {w.tobytes() for w in data.test.waves}
     assert not any(w.tobytes() in test_waves for w in data.babble_pool.waves)
+
+
+def test_noise_study_on_a_crema_d_layout_corpus_applies_each_snr_per_clip(workdir, tmp_path, capsys):
+    """Clips of 0.6, 1.0 and 2.0 s (and different levels) in CREMA-D's layout: every test clip gets
+    the requested SNR over its own length, and the study records what it applied."""
+    import soundfile as sf
+    from mlflow.tracking import MlflowClient
+
+    from avssl.config import load_config
+    from avssl.data.prepare import prepare
+    from avssl.evaluate.runner import TaskDataCache
+    from avssl.evaluate.studies import noise_study
+    from avssl.tracking import Tracker
+    from tests.conftest import tiny_cfg
+
+    root = tmp_path / "CREMA-D" / "AudioWAV"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for a, actor in enumerate(range(1001, 1009)):
+        for k, (emo, seconds) in enumerate((("ANG", 0.6), ("HAP", 1.0), ("SAD", 2.0), ("NEU", 1.0))):
+            t = np.arange(int(seconds * 16000)) / 16000
+            amp = 0.05 + 0.1 * ((a + k) % 3)
+            sf.write(root / f"{actor}_DFA_{emo}_XX.wav", (amp * np.sin(2 * np.pi * (120 + 20 * a) * t) + rng.normal(0, 0.001, len(t))).astype(np.float32), 16000)
+    prep = load_config("tiny", ["prepare.workers=1"]).prepare
+    corpus = prepare("crema-d", tmp_path / "CREMA-D", tmp_path / "crema", prep, strict=False, quiet=True)["out"]
+    cfg = tiny_cfg(workdir, corpus, f"evaluate.corpora.emotion={corpus}", "study.methods=[mfcc]", "study.noise.snrs=[clean,20.0,5.0,0.0]",
+                   "evaluate.epochs=2", "evaluate.seeds=[0]", "evaluate.parallel=false")
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    out = noise_study(cfg, tracker, TaskDataCache(cfg))
+    child = MlflowClient(tracker.uri).search_runs([tracker.experiment_id], f"tags.`avssl.study_run_id` = '{out['run_id']}'")[0]
+    with np.load(tracker.download(child.info.run_id, "predictions.npz")) as z:
+        conds = [k for k in z.files if k.startswith("snr/")]
+        assert len(conds) == 6  # white and babble at 20, 5, 0 dB
+        from avssl.data.corpus import Corpus
+
+        seconds = {r["clip_id"]: r["n_frames"] / 25 for r in Corpus(corpus).rows}
+        assert len({seconds[c] for c in z["clip_ids"]}) >= 3, "the test clips differ in length"
+        for k in conds:
+            target = float(k.split("_")[-1][:-2])
+            assert np.all(np.abs(z[k] - target) < 0.1), (k, z[k])
+        with capsys.disabled():
+            print(f"\nper-clip SNR applied on {len(z['clip_ids'])} test clips ({', '.join(f'{c} {seconds[c]:.1f} s' for c in z['clip_ids'])}):")
+            for k in conds:
+                print(f"  {k[4:]}: " + " ".join(f"{v:.3f}" for v in z[k]))

@@ -99,6 +99,24 @@ def load_task_data(corpus: Corpus, task: Task, max_clips: int = 0, seed: int = 0
     return data
 
 
+def applied_snrs(data: TaskData, cond: Condition) -> np.ndarray:
+    """The SNR (dB) each test clip gets under a condition, measured on the mixed audio over the clip's
+    own length: the noise is a function of (condition, clip), so this is what every method heard."""
+    from avssl.evaluate.noise import measured_snr
+
+    test = data.test
+    out = np.zeros(len(test))
+    for i in range(0, len(test), 32):
+        idx = np.arange(i, min(i + 32, len(test)))
+        batch = _batch_waves(test, idx)
+        lengths = batch["lengths"] * HOP
+        noisy = mix(batch["wave"], lengths, cond, test_noise_seed(cond), [test.rows[k]["clip_id"] for k in idx],
+                    [str(test.rows[k]["speaker"]) for k in idx], data.babble_pool, data.babble_talkers)
+        for j, k in enumerate(idx):
+            out[k] = measured_snr(batch["wave"][j], noisy[j], int(lengths[j]))
+    return out
+
+
 def fraction_of(split: SplitData, fraction: float, seed: int) -> SplitData:
     """A seeded subset of the labelled clips, the same fraction from every speaker."""
     if fraction >= 1.0:

@@ -27,6 +27,14 @@ def condition_name(cond: Condition) -> str:
     return "clean" if snr is None else f"{kind}_{snr:g}dB"
 
 
+def parse_condition(name: str) -> Condition:
+    """'white_10dB' -> ('white', 10.0); 'clean' -> ('clean', None)."""
+    if name == "clean":
+        return ("clean", None)
+    kind, snr = name.rsplit("_", 1)
+    return (kind, float(snr[:-2]))
+
+
 def parse_snr(snr: Union[str, float]) -> Optional[float]:
     return None if snr == "clean" else float(snr)
 

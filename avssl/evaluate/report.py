@@ -151,6 +151,14 @@ def noise_section(res: Results, tracker: Tracker, out: Path, parent) -> str:
         rows.append([r.method] + [_cell_text(iv) for iv in ivs])
         series[r.method] = ivs
     text = write_table(out / "methods_x_snr", header, rows, f"Methods x noise condition ({task} on {corpus}, test {metric}, 95 % intervals; study run {study.info.run_id})")
+    snr_lines = []
+    arrays = recs[0].arrays() or {}
+    for c in conds:
+        if f"snr/{c}" in arrays:
+            v = arrays[f"snr/{c}"]
+            snr_lines.append(f"{c}: {v.mean():.2f} dB (min {v.min():.2f}, max {v.max():.2f})")
+    if snr_lines:
+        text += f"\nSNR each of the {len(arrays['y_true'])} test clips got, measured over its own length: " + "; ".join(snr_lines) + "\n"
     from avssl.evaluate.stat_figures import band_plot
 
     kinds = sorted({c.rsplit("_", 1)[0] for c in conds if c != "clean"})

@@ -192,6 +192,11 @@ def log_predictions(tracker: Tracker, run_id: str, results: list[HeadResult], tr
     }
     for cond in results[0].predictions:
         arrays[f"pred/{cond}"] = np.stack([r.predictions[cond] for r in results])
+        if cond != "clean":  # the SNR every test clip actually got (over its own length)
+            from avssl.evaluate.downstream import applied_snrs
+            from avssl.evaluate.noise import parse_condition
+
+            arrays[f"snr/{cond}"] = applied_snrs(tracker_data, parse_condition(cond))
     # Per seed: the overfitting gap (best train score - best validation score) and the best validation score.
     arrays["gap"] = np.array([max(r.curves["train_score"]) - max(r.curves["val_score"]) for r in results])
     arrays["best_val"] = np.array([max(r.curves["val_score"]) for r in results])
