@@ -4,6 +4,7 @@ and the faults a cluster run must survive (a dead node, a killed driver, a dropp
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -77,13 +78,112 @@ def test_broken_cluster_files_are_rejected(tmp_path):
         check_cluster_file(_broken(tmp_path, secret))
 
     def no_mlflow(c):
-        c["head_start_ray_commands"] = [s for s in c["head_start_ray_commands"] if "mlflow server" not in s]
+        c["head_start_ray_commands"] = [s for s in c["head_start_ray_commands"] if "head_services.py start" not in s]
 
     with pytest.raises(ConfigError, match="no MLflow server"):
         check_cluster_file(_broken(tmp_path, no_mlflow))
 
     out = subprocess.run([str(BIN / "avssl"), "cluster", "check", str(_broken(tmp_path, typo))], capture_output=True, text=True)
     assert out.returncode == 2 and "rejected" in out.stderr and "Traceback" not in out.stderr
+
+
+def _edit_commands(c: dict, key: str, fn) -> None:
+    c[key] = [fn(str(cmd)) for cmd in c[key]]
+
+
+# Each class of mistake that broke `ray up` / `ray submit` on first contact, on a copy of cluster.yaml.
+BROKEN_COPIES = {
+    "kill pattern matching its own shell": (
+        lambda c: c["head_start_ray_commands"].insert(1, "pkill -f 'mlflow server' || true"),
+        r"head_start_ray_commands\[1\]: `pkill -f 'mlflow server'` matches the shell that runs it"),
+    "kill pattern via pgrep": (
+        lambda c: c["head_start_ray_commands"].insert(1, "kill $(pgrep -f head_services) || true"),
+        r"`pgrep -f head_services` matches the shell that runs it"),
+    "sync exclusion removing a package folder": (
+        lambda c: c.__setitem__("rsync_exclude", [x if x != "/data" else "data" for x in c["rsync_exclude"]]),
+        r"rsync_exclude 'data' removes the package folder avssl/data .*'/data'"),
+    "sync exclusion by wildcard": (
+        lambda c: c["rsync_exclude"].append("*.py"),
+        r"rsync_exclude '\*\.py' removes the file avssl/__init__.py"),
+    "repository synced where it shadows the package": (
+        lambda c: c.__setitem__("file_mounts", {("~/avssl" if k == "~/avssl-src" else k): v for k, v in c["file_mounts"].items()}),
+        r"syncs the repository to ~/avssl: `ray submit` runs scripts from the home folder"),
+    "avssl installed before the CPU torch": (
+        lambda c: c.__setitem__("setup_commands", [x for x in c["setup_commands"] if "torch==" not in x]),
+        r"installs avssl before any torch, so pip pulls torch==2\.13\.0 from PyPI onto CPU nodes"),
+    "torch from PyPI on CPU nodes": (
+        lambda c: _edit_commands(c, "setup_commands", lambda x: x.replace("torch==2.13.0+cpu", "torch==2.13.0")),
+        r"`torch==2\.13\.0` pulls a CUDA build from PyPI onto CPU nodes"),
+    "torch unpinned": (
+        lambda c: _edit_commands(c, "setup_commands", lambda x: x.replace("torch==2.13.0+cpu", "torch")),
+        r"`torch` is not an exact version"),
+    "torch of another version": (
+        lambda c: _edit_commands(c, "setup_commands", lambda x: x.replace("torch==2.13.0+cpu", "torch==2.12.0+cpu")),
+        r"avssl pins torch==2\.13\.0"),
+    "token file left readable": (
+        lambda c: c.__setitem__("setup_commands", [x for x in c["setup_commands"] if "chmod" not in x]),
+        r"auth token .* nothing on the head, workers sets it to 600"),
+    "head address guessed from the interfaces": (
+        lambda c: _edit_commands(c, "setup_commands", lambda x: re.sub(r"\$\(python3 -c .*?\)'\)\}", "$(hostname -I | awk '{print $1}')}", x)),
+        r"the head address is guessed from the node's interfaces \(`hostname -I`\)"),
+    "head address from nowhere": (
+        lambda c: _edit_commands(c, "setup_commands", lambda x: re.sub(r"HEAD=\$\{RAY_HEAD_IP:-.*?'\)\}", "HEAD=$(cat ~/head)", x)),
+        r"AVSSL_HEAD_IP does not come from a pinned source"),
+    "head address pinned to another address": (
+        lambda c: _edit_commands(c, "setup_commands", lambda x: re.sub(r"HEAD=\$\{RAY_HEAD_IP:-.*?'\)\}", "HEAD=10.0.0.99", x).replace('"export AVSSL_HEAD_IP=$HEAD"', "'export AVSSL_HEAD_IP=10.0.0.99'")),
+        r"AVSSL_HEAD_IP=10\.0\.0\.99 is not provider\.head_ip \(10\.0\.0\.10\)"),
+    "MLflow server left to outlive ray down": (
+        lambda c: c["head_start_ray_commands"].append("nohup mlflow server --host $AVSSL_HEAD_IP > mlflow.log 2>&1 &"),
+        r"outlives `ray down`"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(BROKEN_COPIES))
+def test_cluster_check_catches(tmp_path, mistake):
+    edit, message = BROKEN_COPIES[mistake]
+    with pytest.raises(ConfigError, match=message):
+        check_cluster_file(_broken(tmp_path, edit))
+
+
+def test_cluster_check_catches_everything_in_the_file_as_it_was(tmp_path):
+    """cluster.yaml before the launcher was tried for real: each of its five defects is reported."""
+    old = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    old["file_mounts"] = {"~/avssl": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
+    old["rsync_exclude"] = [".venv", ".git", "data", "mlruns", "__pycache__"]
+    old["setup_commands"] = [
+        "echo 'export AVSSL_SHARED=/mnt/avssl' > ~/.avssl_env",
+        "HEAD=${RAY_HEAD_IP:-$(hostname -I | awk '{print $1}')} && printf '%s\\n' \"export AVSSL_HEAD_IP=$HEAD\" "
+        "'export AVSSL_STORAGE_PATH=$AVSSL_SHARED/avssl_runs' \"export MLFLOW_TRACKING_URI=http://$HEAD:5000\" >> ~/.avssl_env",
+        "test -d ~/avssl-venv || python3 -m venv ~/avssl-venv",
+        "~/avssl-venv/bin/pip install -q -e ~/avssl",
+    ]
+    old["head_start_ray_commands"] = [
+        "source ~/.avssl_env && ~/avssl-venv/bin/ray stop",
+        "pkill -f 'mlflow server' || true",
+        "source ~/.avssl_env && nohup ~/avssl-venv/bin/mlflow server --host $AVSSL_HEAD_IP --port 5000 > ~/mlflow-server.log 2>&1 &",
+        "source ~/.avssl_env && ulimit -n 65536; ~/avssl-venv/bin/ray start --head --node-ip-address=$AVSSL_HEAD_IP --port=6379 "
+        "--autoscaling-config=~/ray_bootstrap_config.yaml",
+    ]
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError) as err:
+        check_cluster_file(path)
+    text = str(err.value)
+    for expected in ("matches the shell that runs it", "removes the package folder avssl/data", "pulls torch==2.13.0 from PyPI onto CPU nodes",
+                     "sets it to 600", "guessed from the node's interfaces", "shadows the installed package", "outlives `ray down`"):
+        assert expected in text, (expected, text)
+
+
+def test_rsync_exclude_semantics():
+    from avssl.cluster import rsync_excludes
+
+    assert rsync_excludes("data", "avssl/data", True) and rsync_excludes("data", "data", True)
+    assert rsync_excludes("/data", "data", True) and not rsync_excludes("/data", "avssl/data", True)
+    assert rsync_excludes("data/", "avssl/data", True) and not rsync_excludes("data/", "avssl/data", False)
+    assert rsync_excludes("avssl/da*", "avssl/data", True) and rsync_excludes("avssl/da*", "x/avssl/data", True)
+    assert not rsync_excludes("/avssl/da*", "x/avssl/data", True)
+    assert rsync_excludes("**/data", "a/b/data", True) and not rsync_excludes("*.yaml", "avssl/config", True)
+    assert rsync_excludes("/*.egg-info", "avssl.egg-info", True) and not rsync_excludes("/*.egg-info", "avssl/x.egg-info", True)
 
 
 # -- loopback only --------------------------------------------------------------------------------
