@@ -43,8 +43,8 @@ def quickstart_recipe(with_search: bool):
         synth=True,
         pretrain=PretrainSpec(objectives=["visual", "audio", "av"], seeds=[0]),
         evaluate=EvalSpec(tasks=["emotion", "word", "affect"], methods=["pretrained", "scratch", "mfcc", "logmel"]),
-        noise=StudySpec(task="emotion", methods=["pretrained", "scratch", "mfcc", "logmel"]),
-        datasize=StudySpec(task="emotion", methods=["av", "audio", "scratch", "mfcc"]),
+        noise=StudySpec(task="emotion", methods=["pretrained", "scratch", "mfcc"]),
+        datasize=StudySpec(task="emotion", methods=["av", "scratch", "mfcc"]),
         search=SearchSpec(space=str(quick_space_path())) if with_search else None,
     )
 

@@ -36,7 +36,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="head seeds per cell")
     ap.add_argument("--word-speakers", type=int, default=16)
     ap.add_argument("--word-clips", type=int, default=60)
+    ap.add_argument("--name", default="mfcc_gap", help="results file stem (and encoder run-name prefix)")
+    ap.add_argument("--layers", default=",".join(LAYERS), help="representations to evaluate")
+    ap.add_argument("overrides", nargs="*", help="config overrides of the encoder, e.g. model.audio_encoder.base_channels=32")
     args = ap.parse_args()
+    layers = args.layers.split(",")
 
     from avssl.config import load_config
     from avssl.data.synthetic.generator import generate
@@ -65,7 +69,7 @@ def main() -> None:
         generate(c.synth, c.seed)
     synth_s = time.perf_counter() - t0
 
-    cfg = load_config("tiny", base + ["objective.name=audio", "train.probe.enabled=false", "train.epochs=1000", "train.figure_every_epochs=0",
+    cfg = load_config("tiny", base + args.overrides + ["objective.name=audio", "train.probe.enabled=false", "train.epochs=1000", "train.figure_every_epochs=0",
                                       "train.checkpoint_every_steps=1000", f"evaluate.seeds={list(range(args.seeds))}", "evaluate.tasks=[word]"])
     ensure_ray(cfg.train.ray_address)
     pools = [float(p) for p in args.pools.split(",")]
@@ -74,7 +78,7 @@ def main() -> None:
     todo = []
     for frac in pools:
         for n in steps:
-            name = f"gap-pool{frac:g}-steps{n}"
+            name = f"{'gap' if args.name == 'mfcc_gap' else args.name}-pool{frac:g}-steps{n}"
             path = work / "runs" / name / "encoder.pt"
             if n == 0:  # the same architecture at random init (seed 0, as pretraining starts)
                 import torch
@@ -103,7 +107,7 @@ def main() -> None:
     jobs = [EvalJob(resolve_source("mfcc", cfg), "word")]
     keys: list[tuple] = [("mfcc", None, None)]
     for (frac, n), path in encoders.items():
-        for layer in LAYERS:
+        for layer in layers:
             c = cfg.model_copy(deep=True)
             c.evaluate.layer = layer
             src = resolve_source(path, c)
@@ -125,20 +129,20 @@ def main() -> None:
     pool_train = sum(1 for r in __import__("avssl.data.corpus", fromlist=["Corpus"]).Corpus(pool).rows if r["split"] == "train")
     print(f"\nword accuracy on {len(y)} test clips of {len(set(data.test.speakers))} unseen speakers, {args.seeds} head seeds, 95 % intervals over seeds x clips")
     print(f"MFCC (+ deltas, same GRU head): {mfcc['accuracy']:.3f} [{mfcc['low']:.3f}, {mfcc['high']:.3f}]")
-    print(f"{'pool clips':>10} {'steps':>6} " + " ".join(f"{layer:>22}" for layer in LAYERS))
+    print(f"{'pool clips':>10} {'steps':>6} " + " ".join(f"{layer:>22}" for layer in layers))
     for frac in pools:
         for n in steps:
             cells = {r["layer"]: r for r in rows[1:] if r["pool_fraction"] == frac and r["steps"] == n}
-            print(f"{int(round(frac * pool_train)):>10} {n:>6} " + " ".join(f"{cells[lay]['accuracy']:.3f} [{cells[lay]['low']:.3f},{cells[lay]['high']:.3f}]" for lay in LAYERS))
-    out = {"machine": machine(), "args": vars(args), "pool_train_clips": pool_train, "test_clips": len(y), "rows": rows,
+            print(f"{int(round(frac * pool_train)):>10} {n:>6} " + " ".join(f"{cells[lay]['accuracy']:.3f} [{cells[lay]['low']:.3f},{cells[lay]['high']:.3f}]" for lay in layers))
+    out = {"machine": machine(), "args": vars(args), "model": cfg.model.audio_encoder.model_dump(), "pool_train_clips": pool_train, "test_clips": len(y), "rows": rows,
            "seconds": {"synth": synth_s, "pretrain": pretrain_s, "evaluate": eval_s}}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "mfcc_gap.json").write_text(json.dumps(out, indent=2))
-    figure(rows, pools, steps, pool_train, RESULTS / "mfcc_gap.png")
-    print(f"saved {RESULTS / 'mfcc_gap.json'} and {RESULTS / 'mfcc_gap.png'} (synth {synth_s:.0f} s, pretrain {pretrain_s:.0f} s, evaluate {eval_s:.0f} s)")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
+    figure(rows, pools, steps, pool_train, layers, RESULTS / f"{args.name}.png")
+    print(f"saved {RESULTS / args.name}.json and .png (synth {synth_s:.0f} s, pretrain {pretrain_s:.0f} s, evaluate {eval_s:.0f} s)")
 
 
-def figure(rows, pools, steps, pool_train, path: Path) -> None:
+def figure(rows, pools, steps, pool_train, layers, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,7 +154,7 @@ def figure(rows, pools, steps, pool_train, path: Path) -> None:
     for ax, frac in zip(axes[0], pools):
         ax.axhspan(mfcc["low"], mfcc["high"], color="0.8", label="MFCC (95 % interval)")
         ax.axhline(mfcc["accuracy"], color="0.4", lw=1)
-        for i, layer in enumerate(LAYERS):
+        for i, layer in enumerate(layers):
             cells = [next(r for r in rows[1:] if r["layer"] == layer and r["pool_fraction"] == frac and r["steps"] == n) for n in steps]
             est = [c["accuracy"] for c in cells]
             ax.errorbar(x + (i - 2) * 0.06, est, yerr=[[e - c["low"] for e, c in zip(est, cells)], [c["high"] - e for e, c in zip(est, cells)]],

@@ -192,7 +192,7 @@ class HeadTrainer:
             idx = np.arange(i, min(i + bs, len(split)))
             batch = _batch_waves(split, idx)
             feats = module(self._noisy(batch, split, idx, cond, noise_seed).to(self.device)).float().cpu()
-            out += [feats[j, : int(batch["lengths"][j])] for j in range(len(idx))]
+            out += [feats[j, : int(batch["lengths"][j])].clone() for j in range(len(idx))]  # a view would pickle the whole batch
         module.train(was_training)
         return out
 

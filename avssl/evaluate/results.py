@@ -148,9 +148,9 @@ class Results:
             return r.fraction == 1.0 and (study is None or (study == "noise" and r.tags.get("avssl.train_with_noise") == "false"))
 
         latest: dict[tuple, Record] = {}
-        for r in self.latest(fraction=1.0):
+        for r in self.records:  # in start-time order: the latest evaluation of a cell wins
             if clean_full(r):
-                latest[(r.method, r.task, r.corpus, r.setting)] = r  # a later noise-study head replaces an older plain one
+                latest[(r.method, r.task, r.corpus, r.setting)] = r
         return sorted(latest.values(), key=method_sort_key)
 
     # -- statistics ---------------------------------------------------------------------------
