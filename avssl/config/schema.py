@@ -266,6 +266,9 @@ class EvaluateConfig(Section):
     patience: int = Field(6, ge=1)
     lr: float = Field(3e-3, gt=0.0, description="head learning rate (and the scratch encoder's, which starts from random)")
     encoder_lr: float = Field(1e-4, gt=0.0, description="learning rate of a fine-tuned pretrained encoder")
+    min_steps: int = Field(
+        100, ge=0, description="at least this many optimiser steps whatever the label fraction (a small fraction takes several passes per epoch)"
+    )
 
     @field_validator("layer")
     @classmethod

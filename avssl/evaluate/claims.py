@@ -124,17 +124,38 @@ def _claim4(res: Results, task: str, metric: str, setting) -> Claim:
     at = [r for r in size if r.fraction == smallest]
     cells = objective_cells(at)
     pretrained = next((o for o in ("av", "audio", "visual") if o in cells), None)
-    primary, context = [], []
+    primary, context, note = [], [], ""
     if pretrained and "scratch" in cells:
         d = res.difference(cells[pretrained], cells["scratch"], metric)
         if d is not None:
             primary.append((f"{pretrained} - scratch at {100 * smallest:g}% labels", d))
         gaps = [np.concatenate([r.arrays()["gap"] for r in cells[k].records]) for k in ("scratch", pretrained) if all(r.arrays() is not None and "gap" in r.arrays() for r in cells[k].records)]
         if len(gaps) == 2:
-            primary.append((f"overfitting gap: scratch - {pretrained} at {100 * smallest:g}% labels", gap_difference(gaps[0], gaps[1], res.n_boot)))
+            unfit = [k for k in ("scratch", pretrained) if not fits_training_data(cells[k].records, metric)]
+            label = f"overfitting gap: scratch - {pretrained} at {100 * smallest:g}% labels"
+            if unfit:  # a model that never fits its training data has no gap to speak of: not evidence either way
+                note = (f"the overfitting comparison is not informative: {', '.join(unfit)} never rose above chance on its own "
+                        f"training clips at {100 * smallest:g}% labels")
+                context.append((label, gap_difference(gaps[0], gaps[1], res.n_boot)))
+            else:
+                primary.append((label, gap_difference(gaps[0], gaps[1], res.n_boot)))
         for other in ("mfcc", "logmel"):
             if other in cells:
                 d = res.difference(cells[pretrained], cells[other], metric)
                 if d is not None:
                     context.append((f"{pretrained} - {other} at {100 * smallest:g}% labels", d))
-    return Claim(4, CLAIM_TEXT[4], verdict_of(primary, 2), primary, context)
+    return Claim(4, CLAIM_TEXT[4], verdict_of(primary, 2), primary, context, note)
+
+
+def fits_training_data(records: list[Record], metric: str, margin: float = 0.05) -> bool:
+    """Whether a method's best training score (best validation + gap, per seed) clears chance by `margin`
+    on average: chance is 1/K for classification metrics over K classes, 0 for CCC."""
+    scores, chance = [], 0.0
+    for r in records:
+        a = r.arrays()
+        if a is None or "gap" not in a or "best_val" not in a:
+            return True
+        scores.append(a["gap"] + a["best_val"])
+        if metric != "ccc":
+            chance = 1.0 / max(1, len(np.unique(a["y_true"])))
+    return float(np.mean(np.concatenate(scores))) > chance + margin

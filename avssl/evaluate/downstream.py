@@ -274,6 +274,15 @@ class HeadTrainer:
         return self.task.score(split.targets, pred, frames), pred
 
     # -- training -----------------------------------------------------------------------------
+    def _recalibrate(self, encoder: torch.nn.Module, train: SplitData) -> None:
+        """Precise BatchNorm for a trainable encoder before it is scored: running averages lag the
+        weights, and with few labelled clips (a handful of steps per epoch) they barely leave their
+        initial values, so an encoder scored in eval mode would see statistics of other weights."""
+        from avssl.models import recalibrate_batchnorm
+
+        waves = [_batch_waves(train, np.arange(i, min(i + 32, len(train))))["wave"] for i in range(0, len(train), 32)]
+        recalibrate_batchnorm(encoder, waves, self.device)
+
     def _optimizer(self, head: torch.nn.Module, encoder: Optional[torch.nn.Module]) -> torch.optim.Optimizer:
         """The head at `lr`; a scratch encoder (random init) at `lr` too; a fine-tuned pretrained
         encoder at its own, lower `encoder_lr`."""
@@ -299,6 +308,10 @@ class HeadTrainer:
         best = (-np.inf, 0, None)
         bad_epochs = 0
         primary = self.task.primary
+        # A small label fraction gets several passes per epoch, so every fraction trains for at least
+        # `min_steps` optimiser steps (the same budget in steps, not in passes over fewer clips).
+        batches = -(-len(train) // self.cfg.batch_size)
+        passes = max(1, -(-self.cfg.min_steps // (self.cfg.epochs * batches)))
         for epoch in range(self.cfg.epochs):
             train_cond = train_conditions[epoch % len(train_conditions)] if train_conditions else CLEAN
             noisy_training = train_cond != CLEAN
@@ -308,9 +321,9 @@ class HeadTrainer:
             feats = None
             if encoder is None:
                 feats = self.frozen_features("train", train, train_cond, noise_seed)
-            order = rng.permutation(len(train))
+            order = np.concatenate([rng.permutation(len(train)) for _ in range(passes)])
             losses, preds = [], np.zeros((len(train), self.task.out_dim), np.float32)
-            for i in range(0, len(train), self.cfg.batch_size):
+            for i in range(0, len(order), self.cfg.batch_size):
                 idx = order[i : i + self.cfg.batch_size]
                 clip, frames, lengths = self._forward(encoder, head, train, idx, feats, train_cond, noise_seed, norm)
                 loss = self._loss(clip, frames, lengths, train, idx)
@@ -320,6 +333,8 @@ class HeadTrainer:
                 opt.step()
                 losses.append(float(loss.detach()))
                 preds[idx] = clip.detach().float().cpu().numpy()
+            if encoder is not None:
+                self._recalibrate(encoder, train)
             if noisy_training and encoder is None:  # one-off noisy features: do not keep them
                 self.data.cache.pop(self._cache_key(train, train_cond, noise_seed), None)
             train_score = self.task.score(train.targets, preds)[primary]
