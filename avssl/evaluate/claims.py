@@ -57,7 +57,9 @@ def verdict_of(primary: list[tuple[str, Interval]], required: int) -> str:
 
 
 def main_setting(records: list[Record], task: str = "emotion") -> Optional[tuple[str, str, str]]:
-    counts = Counter(r.setting for r in records if r.task == task)
+    """The head setting most of the task's encoder evaluations used (hand features fit any layer)."""
+    counts = Counter(r.setting for r in records if r.task == task and r.setting[1] != "-")
+    counts = counts or Counter(r.setting for r in records if r.task == task)
     return counts.most_common(1)[0][0] if counts else None
 
 
@@ -86,7 +88,7 @@ def judge(res: Results, task: str = "emotion") -> list[Claim]:
     metric = TASKS.get(task).primary
     main = [r for r in res.main_records() if r.task == task]
     setting = main_setting(main, task)
-    main = [r for r in main if r.setting == setting]
+    main = [r for r in main if r.in_setting(setting)]
     cells = objective_cells(main)
     claims = []
     for n, obj in ((1, "visual"), (2, "audio")):
@@ -95,7 +97,7 @@ def judge(res: Results, task: str = "emotion") -> list[Claim]:
         claims.append(Claim(n, CLAIM_TEXT[n], verdict_of(primary, 1), primary, context))
 
     primary = [d for d in (_diff(res, cells, "av", "audio", metric, "av - audio (clean)"), _diff(res, cells, "av", "visual", metric, "av - visual (clean)")) if d]
-    noise_records = [r for r in res.latest(task=task) if r.tags.get("avssl.study") == "noise" and r.tags.get("avssl.train_with_noise") == "false" and r.setting == setting]
+    noise_records = [r for r in res.latest(task=task) if r.tags.get("avssl.study") == "noise" and r.tags.get("avssl.train_with_noise") == "false" and r.in_setting(setting)]
     noisy = sorted({c for r in noise_records for c in r.conditions() if c != "clean"})
     note = ""
     if noisy:
@@ -116,7 +118,7 @@ def judge(res: Results, task: str = "emotion") -> list[Claim]:
 
 
 def _claim4(res: Results, task: str, metric: str, setting) -> Claim:
-    size = [r for r in res.latest(task=task) if r.tags.get("avssl.study") == "datasize" and r.setting == setting]
+    size = [r for r in res.latest(task=task) if r.tags.get("avssl.study") == "datasize" and r.in_setting(setting)]
     fractions = sorted({r.fraction for r in size})
     if not fractions:
         return Claim(4, CLAIM_TEXT[4], NOT_RUN, note="no dataset-size study on this task")

@@ -58,10 +58,10 @@ def _task_sort(t: str) -> tuple:
 # -- main results ------------------------------------------------------------------------------
 def main_tables(res: Results, out: Path) -> tuple[list[str], dict[str, Any]]:
     records = res.main_records()
-    settings = sorted({r.setting for r in records})
+    settings = sorted({r.setting for r in records if r.setting[1] != "-"}) or sorted({r.setting for r in records})
     texts, data = [], {}
     for k, setting in enumerate(settings):
-        rs = [r for r in records if r.setting == setting]
+        rs = [r for r in records if r.in_setting(setting)]
         columns = sorted({(r.task, r.corpus) for r in rs}, key=lambda tc: (_task_sort(tc[0]), tc[1]))
         methods: list[str] = []
         for r in rs:

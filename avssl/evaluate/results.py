@@ -61,6 +61,13 @@ class Record:
         """What the head reads and how: (head, layer, frozen | fine-tuned)."""
         return (self.tags.get("avssl.head", "?"), self.tags.get("avssl.layer", "-"), "fine-tuned" if self.tags.get("avssl.finetune") == "true" else "frozen")
 
+    def in_setting(self, setting: Optional[tuple[str, str, str]]) -> bool:
+        """Hand features have no layer: they belong to every layer setting of their head and mode."""
+        if setting is None:
+            return True
+        head, layer, mode = self.setting
+        return head == setting[0] and mode == setting[2] and (layer == setting[1] or layer == "-")
+
     @property
     def primary(self) -> str:
         return TASKS.get(self.task).primary

@@ -35,6 +35,7 @@ def forest_plot(rows: Sequence[tuple[str, Interval]], title: str = "", xlabel: s
         ax.axvline(0.0, color="k", lw=0.8, ls="--")
     ax.set_yticks(range(n), [label for label, _ in reversed(rows)], fontsize=7)
     ax.set_ylim(-0.7, n - 0.3)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(6))
     ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
     if title:
