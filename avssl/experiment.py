@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from avssl.config.schema import Config, Section
 from avssl.errors import ConfigError
@@ -31,19 +31,57 @@ BASELINE_NAMES = ("scratch", "mfcc", "logmel")
 
 class PretrainSpec(Section):
     objectives: list[str] = ["visual", "audio", "av"]
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives_ok(cls, v: list[str]) -> list[str]:
+        from avssl.objectives import OBJECTIVES
+
+        bad = [o for o in v if o not in OBJECTIVES]
+        if bad:
+            raise ValueError(f"unknown objective(s) {', '.join(bad)}: registered objectives are {', '.join(OBJECTIVES.names())}")
+        return v
+
     seeds: list[int] = Field([0], min_length=1, description="pretraining seeds: one encoder per objective and seed")
     encoders: Optional[str] = Field(None, description="run-name prefix of the encoders (recipes sharing it share encoders); default: the recipe's name")
     overrides: list[str] = []
+
+
+def _check_methods(methods: list[str]) -> list[str]:
+    known = ("pretrained",) + OBJECTIVE_NAMES + BASELINE_NAMES
+    bad = [m for m in methods if m not in known]
+    if bad:
+        raise ValueError(f"unknown method(s) {', '.join(bad)}: use {', '.join(known)}")
+    return methods
+
+
+def _check_tasks(tasks: list[str]) -> list[str]:
+    from avssl.evaluate.tasks import TASKS
+
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise ValueError(f"unknown task(s) {', '.join(bad)}: registered tasks are {', '.join(TASKS.names())}")
+    return tasks
 
 
 class EvalSpec(Section):
     tasks: list[str] = ["emotion", "word", "affect"]
     methods: list[str] = ["pretrained", "scratch", "mfcc", "logmel"]
 
+    _methods_ok = field_validator("methods")(_check_methods)
+    _tasks_ok = field_validator("tasks")(_check_tasks)
+
 
 class StudySpec(Section):
     task: str = "emotion"
     methods: list[str] = ["pretrained", "scratch", "mfcc", "logmel"]
+
+    _methods_ok = field_validator("methods")(_check_methods)
+
+    @field_validator("task")
+    @classmethod
+    def _task_ok(cls, v: str) -> str:
+        return _check_tasks([v])[0]
 
 
 class SearchSpec(Section):

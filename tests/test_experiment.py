@@ -58,3 +58,25 @@ def test_a_recipe_runs_reports_claims_and_resumes(workdir, ray_local):
     assert len(pretrains) == 3
     evals2 = client.search_runs([tracker_exp], f"tags.`avssl.kind` = 'evaluate' and tags.`avssl.recipe_run_id` = '{parent.info.run_id}'")
     assert len(evals2) == len(evals)
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml")))
+def test_every_shipped_recipe_loads_and_resolves_on_both_bases(path):
+    from avssl.experiment import load_recipe, recipe_config
+
+    recipe = load_recipe(path)
+    own = recipe_config(recipe, None, [])
+    paper = recipe_config(recipe, "paper", [])
+    assert own.evaluate.corpora and paper.preset == "paper" and own.preset == recipe.config
+    assert len(own.evaluate.seeds) >= 5 or recipe.evaluate is None and recipe.noise is None and recipe.datasize is None
+
+
+def test_a_bad_recipe_names_every_problem(tmp_path):
+    from avssl.errors import ConfigError
+    from avssl.experiment import load_recipe
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nevaluate: {tasks: [emotoin], methods: [pretrainde]}\npretrain: {objectives: [avv]}\n")
+    with pytest.raises(ConfigError) as e:
+        load_recipe(bad)
+    assert "emotoin" in str(e.value) and "pretrainde" in str(e.value) and "avv" in str(e.value)
