@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -180,11 +179,15 @@ def supervise(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
 
-    mlflow = Path(sys.executable).with_name("mlflow")
+    mlflow = Path(args.mlflow) if args.mlflow else Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow if mlflow.exists() else "mlflow"), "server", "--backend-store-uri", args.backend_store_uri,
            "--artifacts-destination", args.artifacts_destination, "--host", args.host, "--port", str(args.port)]
     if args.workers:
         cmd += ["--workers", str(args.workers)]
+    # MLflow refuses requests whose Host header is not localhost or an RFC 1918 address; the nodes
+    # address it by the head's address, whatever range that is in.
+    hosts = dict.fromkeys([args.host, "localhost", "127.0.0.1"])
+    cmd += ["--allowed-hosts", ",".join(h for host in hosts for h in (host, f"{host}:*"))]
     _log("starting " + " ".join(cmd))
     with open(MLFLOW_LOG, "ab") as log:
         server = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -244,12 +247,24 @@ def stop(state_dir: Path, quiet: bool = False) -> int:
     return 0
 
 
-def _health(url: str) -> bool:
+def _health(url: str, timeout: float = 3.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=3) as r:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status == 200
     except OSError:
         return False
+
+
+def _store_ready(url: str, deadline: float, answers: int = 4) -> bool:
+    """/health answers before the tracking store does: each server worker opens the store on its
+    first request (seconds on a busy head). Wait until the store has answered a few requests."""
+    ok = 0
+    while ok < answers and time.time() < deadline:
+        if _health(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=max(1.0, min(60.0, deadline - time.time()))):
+            ok += 1
+        else:
+            time.sleep(0.5)
+    return ok >= answers
 
 
 def start(args: argparse.Namespace) -> int:
@@ -262,7 +277,7 @@ def start(args: argparse.Namespace) -> int:
     supervisor = _identity(sup.pid)  # it records itself and the MLflow server in the state file
     url = f"http://{args.host}:{args.port}"
     deadline = time.time() + args.timeout_s
-    while not _health(f"{url}/health"):
+    while not (_health(f"{url}/health") and _store_ready(url, deadline)):
         if sup.poll() is not None or time.time() > deadline:
             why = "exited" if sup.poll() is not None else f"did not answer within {args.timeout_s:g} s"
             print(f"the MLflow server on {url} {why}; last lines of {LOG_FILE} and {MLFLOW_LOG}:", file=sys.stderr)
@@ -284,6 +299,8 @@ def _forward(args: argparse.Namespace) -> list[str]:
     out = ["--host", args.host, "--port", str(args.port), "--backend-store-uri", args.backend_store_uri,
            "--artifacts-destination", args.artifacts_destination, "--ray-port", str(args.ray_port),
            "--state-dir", str(args.state_dir), "--workers", str(args.workers or 0)]
+    if args.mlflow:
+        out += ["--mlflow", args.mlflow]
     for port in args.relay or []:
         out += ["--relay", str(port)]
     return out
@@ -310,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--relay", type=int, action="append", help="relay 127.0.0.1:N to HOST:N (repeatable)")
         p.add_argument("--workers", type=int, default=0, help="MLflow server workers (0: MLflow's default)")
         p.add_argument("--state-dir", default=str(STATE_DIR))
-        p.add_argument("--timeout-s", type=float, default=180.0, help="how long `start` waits for /health")
+        p.add_argument("--mlflow", default=None, help="the mlflow executable (default: the one next to this Python)")
+        p.add_argument("--timeout-s", type=float, default=600.0, help="how long `start` waits for the server and its store")
     for name in ("stop", "status"):
         sub.add_parser(name).add_argument("--state-dir", default=str(STATE_DIR))
     args = parser.parse_args(argv)
