@@ -85,6 +85,19 @@ def test_edit_lines_are_numbered_in_the_readme_order():
     assert cfg["auth"] == {"ssh_user": "someone", "ssh_private_key": "/tmp/key"}
 
 
+def test_cluster_job_imports_the_installed_avssl_next_to_a_folder_named_avssl(tmp_path):
+    """`ray submit` copies the script to the home folder and runs it there; a folder named avssl
+    in that home (the repository synced as ~/avssl) must not shadow the installed package."""
+    (tmp_path / "avssl" / "avssl").mkdir(parents=True)  # a checkout: no __init__.py at its top
+    script = tmp_path / "cluster_job.py"
+    script.write_text((REPO / "scripts" / "cluster_job.py").read_text())
+    shadowed = subprocess.run([sys.executable, "-c", "from avssl import __version__"], cwd=tmp_path, capture_output=True, text=True)
+    assert shadowed.returncode != 0 and "cannot import name '__version__'" in shadowed.stderr  # the defect, as it was
+    out = subprocess.run([sys.executable, str(script), "--version"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "HOME": str(tmp_path)})
+    assert out.returncode == 0 and "avssl" in out.stdout, out.stderr
+
+
 # -- the head's services, on their own ------------------------------------------------------------
 
 
