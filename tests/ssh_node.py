@@ -89,25 +89,6 @@ def pip_config_lines() -> list[str]:
     return ["[global]", *(f"{k} = {v}" for k, v in settings.items())]
 
 
-# pip's cache for the node users of successive runs (they are created and deleted per test): what
-# pip downloads for the node's venv is downloaded once per machine. Seeded from this user's cache.
-PIP_CACHE = Path("/var/tmp/avssl-launcher-pip-cache")
-
-
-def shared_pip_cache(uid: int, gid: int) -> Path:
-    PIP_CACHE.mkdir(mode=0o700, parents=True, exist_ok=True)
-    own = Path(run([sys.executable, "-m", "pip", "cache", "dir"], check=False).stdout.strip() or "/nonexistent")
-    if own.is_dir() and shutil.which("rsync"):
-        run(["rsync", "-a", "--ignore-existing", f"{own}/", f"{PIP_CACHE}/"], check=False)
-    run(["chown", "-R", f"{uid}:{gid}", str(PIP_CACHE)])
-    return PIP_CACHE
-
-
-def release_pip_cache() -> None:
-    if PIP_CACHE.is_dir():
-        run(["chown", "-R", "0:0", str(PIP_CACHE)], check=False)
-
-
 class NodeUser:
     """A user created for one test and deleted after it (home folder included)."""
 
@@ -127,8 +108,7 @@ class NodeUser:
         (ssh_dir / "authorized_keys").chmod(0o600)
         pip_dir = self.home / ".config" / "pip"
         pip_dir.mkdir(parents=True, exist_ok=True)
-        cache = shared_pip_cache(self.uid, self.gid)
-        (pip_dir / "pip.conf").write_text("\n".join(pip_config_lines() + [f"cache-dir = {cache}"]) + "\n")
+        (pip_dir / "pip.conf").write_text("\n".join(pip_config_lines()) + "\n")
         # Ray's temp folder: its own, not the machine's /tmp/ray (other users' Ray runtimes live there).
         self.ray_tmp = root / "u"
         self.ray_tmp.mkdir(mode=0o700)
@@ -161,7 +141,6 @@ class NodeUser:
 
     def delete(self) -> None:
         self.kill_all()
-        release_pip_cache()
         run(["userdel", "--remove", self.name], check=False)
         shutil.rmtree(self.home, ignore_errors=True)
 

@@ -275,7 +275,7 @@ def _mlflow_runs(uri: str, run_name: str):
 
 @pytest.mark.slow
 @pytest.mark.cluster
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(3000)
 def test_cluster_launcher_up_submit_dashboard_down():
     if os.geteuid() != 0:
         pytest.skip("needs root: it creates a user for the node and runs an sshd of its own")
@@ -318,9 +318,9 @@ def test_cluster_launcher_up_submit_dashboard_down():
             assert out.returncode == 0, out.stderr
 
         # Everything the cluster runs is this user's; what it listens on is recorded from here on.
-        with ListeningSockets(lambda: [*user.processes(), *([sshd.proc.pid] if sshd.proc else [])], interval_s=1.0) as sockets:
+        with ListeningSockets(lambda: [*user.processes(), *([sshd.proc.pid] if sshd.proc else [])], interval_s=2.0) as sockets:
             with steps("ray up (venv, CPU torch, avssl; Ray head; MLflow server)"):
-                up_log = ray("up", "-y", "--no-config-cache", cf, timeout=1500)
+                up_log = ray("up", "-y", "--no-config-cache", cf, timeout=2400)
                 print("    " + _phases(up_log))
             node_env = (user.home / ".avssl_env").read_text()
             assert "export AVSSL_HEAD_IP=127.0.0.1" in node_env, node_env
