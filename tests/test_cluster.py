@@ -222,7 +222,8 @@ def test_unreachable_mlflow_server_fails_before_any_compute(workdir, synth_corpu
     t0 = time.time()
     out = subprocess.run(
         [str(BIN / "avssl"), "pretrain", "--config", "tiny", f"data.corpus={synth_corpus}", "run_name=nowhere",
-         f"train.storage_path={workdir / 'runs'}", f"tracking.uri=http://127.0.0.1:{port}", "tracking.connect_timeout_s=3"],
+         f"train.storage_path={workdir / 'runs'}", f"tracking.uri=http://127.0.0.1:{port}", "tracking.connect_timeout_s=3",
+         "train.probe.enabled=false"],
         capture_output=True, text=True, cwd=workdir, timeout=120,
     )
     assert out.returncode == 2, out.stderr
