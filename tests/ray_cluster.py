@@ -41,6 +41,23 @@ def registered_checkpoint_step(run_dir: Path) -> int:
         return -1
 
 
+# `ray start --address=...` for a further node on this machine. With Ray's cluster mode off (what
+# keeps every node process on loopback), the CLI refuses to join a cluster ("multi-node clusters
+# are not supported on Windows and OSX"); with it on, it rewrites --node-ip-address=127.0.0.1 to
+# the routable address. So the CLI process alone passes its guard and keeps the given address; the
+# node's own processes still run with cluster mode off (self.env).
+_JOIN_ON_LOOPBACK = """
+import sys
+import ray._private.ray_constants as constants
+import ray._private.services as services
+constants.ENABLE_RAY_CLUSTER = True
+services.resolve_ip_for_localhost = lambda host: host
+from ray.scripts.scripts import main
+sys.argv[0] = "ray"
+sys.exit(main())
+"""
+
+
 @dataclass
 class Node:
     name: str
@@ -140,7 +157,8 @@ class LocalRayCluster:
         resources = {f"node_{name}": 1, **(resources or {})}
         args = args + [f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}"]
         port = int(next(a for a in args if a.startswith("--node-manager-port=")).split("=")[1])
-        out = subprocess.run([str(BIN / "ray"), "start", *args], env=self.env, capture_output=True, text=True, timeout=120)
+        cli = [str(BIN / "ray")] if "--head" in args else [sys.executable, "-c", _JOIN_ON_LOOPBACK]
+        out = subprocess.run([*cli, "start", *args], env=self.env, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"ray start ({name}) failed:\n{out.stdout}\n{out.stderr}")
         node = Node(name, port, resources)

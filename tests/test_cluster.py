@@ -444,12 +444,16 @@ def test_killed_driver_then_killed_node_on_a_three_node_cluster(workdir, synth_c
     SIGKILLed mid-run is replaced by the remaining nodes and the run finishes from its checkpoint."""
     cluster = three_nodes
     (workdir / "shared").mkdir()
+    drivers: list[subprocess.Popen] = []
+    sockets = ListeningSockets(lambda: [*cluster._processes(), *(d.pid for d in drivers if d.poll() is None)], interval_s=2.0)
+    sockets.__enter__()  # what the three nodes, the drivers and their workers listen on
     args = _tiny_args(workdir, synth_corpus, "multinode", "objective.name=audio", "train.epochs=6", "train.num_workers=2",
                       "train.placement_strategy=SPREAD", "train.checkpoint_every_steps=2", "train.max_failures=3")
     run_dir = workdir / "shared" / "runs" / "multinode"
 
     # 1. Driver killed after a registered checkpoint; the same command resumes.
     driver = _start_driver(cluster, workdir, args, workdir / "driver1.log")
+    drivers.append(driver)
     step_at_driver_kill = _wait_for(lambda: max(0, registered_checkpoint_step(run_dir)) >= 2 and registered_checkpoint_step(run_dir), 240, driver, "a checkpoint")
     placed = _wait_for(lambda: len(_workers(run_dir)) == 2 and _workers(run_dir), 60, driver, "both workers")
     assert placed[0]["node_id"] != placed[1]["node_id"], "SPREAD should put the two workers on different nodes"
@@ -460,6 +464,7 @@ def test_killed_driver_then_killed_node_on_a_three_node_cluster(workdir, synth_c
 
     # 2. Rerun; once it has resumed and checkpointed again, kill a worker node's raylet.
     driver = _start_driver(cluster, workdir, args, workdir / "driver2.log")
+    drivers.append(driver)
     _wait_for(lambda: registered_checkpoint_step(run_dir) >= step_at_driver_kill + 4, 240, driver, "a checkpoint after the rerun")
     victim = _node_hosting_a_worker(cluster, _workers(run_dir), exclude="head")
     step_at_node_kill = registered_checkpoint_step(run_dir)
@@ -480,6 +485,8 @@ def test_killed_driver_then_killed_node_on_a_three_node_cluster(workdir, synth_c
     after = _workers(run_dir)
     assert killed_node_id not in {w["node_id"] for w in after.values()}
     assert cluster.alive_nodes() == 2
+    sockets.__exit__(None, None, None)
+    assert sockets.seen and not sockets.outside_loopback(), sockets.table()
     print(f"\nnode kill: driver killed at checkpoint step {step_at_driver_kill}, resumed from {resumed[0]}; "
           f"node '{victim.name}' killed at checkpoint step {step_at_node_kill}, resumed from {resumed[1]}; "
           f"finished at step {final_steps}, MLflow status {run.info.status}")
