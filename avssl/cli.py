@@ -224,9 +224,21 @@ def _version() -> str:
     return f"avssl {__version__}"
 
 
+def parse(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> argparse.Namespace:
+    """Options and FIELD=VALUE overrides in any order: argparse stops filling a `nargs="*"`
+    positional at the first option, so overrides after `--config X` come back as extras."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

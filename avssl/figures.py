@@ -84,15 +84,19 @@ def errorbar_lines(x: Sequence, series: dict[str, tuple[Sequence[float], Sequenc
     return _line_axes(fig, ax, xlabel, ylabel, title)
 
 
-def heatmap(values: np.ndarray, rows: Sequence, cols: Sequence, xlabel: str, ylabel: str, title: str = "") -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(0.9 * len(cols) + 2, 0.6 * len(rows) + 1.5))
+def heatmap(values: np.ndarray, rows: Sequence, cols: Sequence, xlabel: str, ylabel: str, title: str = "",
+            errors: Optional[np.ndarray] = None) -> plt.Figure:
+    """Cells annotated with their value, and `± error` where `errors` gives one (a half-width)."""
+    fig, ax = plt.subplots(figsize=((1.3 if errors is not None else 0.9) * len(cols) + 2, 0.6 * len(rows) + 1.5))
     im = ax.imshow(values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(cols)), [str(c) for c in cols], fontsize=7)
     ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=7)
     for i in range(len(rows)):
         for j in range(len(cols)):
             if np.isfinite(values[i, j]):
-                ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", fontsize=7, color="w")
+                err = errors[i, j] if errors is not None else np.nan
+                text = f"{values[i, j]:.3f}" + (f"\n±{err:.3f}" if np.isfinite(err) else "")
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     fig.colorbar(im, ax=ax)

@@ -64,3 +64,23 @@ def test_dump_round_trips():
     cfg = load_config("tiny", ["seed=5"])
     again = yaml.safe_load(dump_yaml(cfg))
     assert again["seed"] == 5 and again["train"]["epochs"] == cfg.train.epochs
+
+
+@pytest.mark.parametrize("argv, config, overrides", [
+    (["study", "datasize", "--config", "quickstart", "study.methods=[a,b]"], "quickstart", ["study.methods=[a,b]"]),
+    (["study", "datasize", "a.b=1", "--config", "quickstart", "c.d=2"], "quickstart", ["a.b=1", "c.d=2"]),
+    (["pretrain", "train.epochs=1", "-c", "tiny"], "tiny", ["train.epochs=1"]),
+])
+def test_config_option_and_overrides_go_in_any_order(argv, config, overrides):
+    from avssl.cli import build_parser, parse
+
+    args = parse(build_parser(), argv)
+    assert args.config == config and args.overrides == overrides
+
+
+def test_unknown_options_are_still_refused(capsys):
+    from avssl.cli import build_parser, parse
+
+    with pytest.raises(SystemExit):
+        parse(build_parser(), ["study", "datasize", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

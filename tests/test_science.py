@@ -29,18 +29,17 @@ STEPS = 400
 MARGIN = 0.10  # UAR points; ten-word task, chance 0.10
 
 
-def make_corpora(root: Path, seed: int, pool_speakers: int = 10, probe_speakers: int = 12) -> tuple[Path, Path]:
+def make_corpora(root: Path, seed: int, pool_speakers: int = 10, probe_speakers: int = 12, pool_clips: int = 24) -> tuple[Path, Path]:
     """An unlabelled audio pool and a labelled ten-word corpus of other speakers (the probe fits on
     half of them and scores on most of the rest)."""
     from avssl.config import load_config
     from avssl.data.synthetic.generator import generate
 
-    common = ["synth.protocol=false", "synth.video=false", "synth.clip_seconds=1.2", "synth.clips_per_speaker=24",
-              "synth.workers=1", "synth.baseline=false"]
+    common = ["synth.protocol=false", "synth.video=false", "synth.clip_seconds=1.2", "synth.workers=1", "synth.baseline=false"]
     pool, labelled = root / "pool", root / "words"
-    generate(load_config("tiny", common + [f"synth.speakers={pool_speakers}", "synth.labelled=false", "synth.split=[0.8,0.1,0.1]",
+    generate(load_config("tiny", common + [f"synth.speakers={pool_speakers}", f"synth.clips_per_speaker={pool_clips}", "synth.labelled=false", "synth.split=[0.8,0.1,0.1]",
                                            f"synth.out={pool}"]).synth, seed, quiet=True)
-    generate(load_config("tiny", common + [f"synth.speakers={probe_speakers}", f"synth.speaker_offset={pool_speakers}", "synth.vocabulary=digits",
+    generate(load_config("tiny", common + ["synth.clips_per_speaker=24", f"synth.speakers={probe_speakers}", f"synth.speaker_offset={pool_speakers}", "synth.vocabulary=digits",
                                            "synth.split=[0.5,0.42,0.08]", f"synth.out={labelled}"]).synth, seed, quiet=True)
     return pool, labelled
 

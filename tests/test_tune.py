@@ -1,4 +1,5 @@
-"""Ray Tune searches: space validation, ASHA, kill-and-resume, one MLflow child per trial."""
+"""Ray Tune searches: space validation, ASHA, Optuna, kill-and-resume, one MLflow child per trial,
+in-process and nested trials, and a search that must rank a good configuration above a broken one."""
 
 import os
 import signal
@@ -18,6 +19,31 @@ from avssl.tune.space import load_space, sampled_overrides
 from tests.conftest import TINY_TRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tie_rate_and_summary():
+    from avssl.tune.driver import search_summary, tie_rate
+
+    rows = [{"best": 0.3337, "se": 0.05, "error": None}, {"best": 0.3337, "se": 0.05, "error": None},
+            {"best": 0.41, "se": 0.02, "error": None}, {"best": 0.3337, "se": 0.05, "error": None},
+            {"best": None, "se": None, "error": "boom"}]
+    assert tie_rate(rows) == pytest.approx(0.75)  # three of four finished trials share a score
+    summary = search_summary(rows, "max")
+    assert summary["search/finished"] == 4 and summary["search/errored"] == 1
+    assert summary["search/spread"] == pytest.approx(0.41 - 0.3337)
+    assert summary["search/lead_over_runner_up_in_se"] == pytest.approx((0.41 - 0.3337) / (0.02**2 + 0.05**2) ** 0.5)
+    assert tie_rate([{"best": 0.2}, {"best": 0.3}]) == 0.0
+
+
+def test_optuna_searches_reject_grids_and_in_process_needs_fixed_resources(tmp_path):
+    with pytest.raises(ConfigError, match="grids run with searcher: random"):
+        load_space(write_space(tmp_path / "s.yaml", searcher="optuna", space={"objective.w_visual": {"grid": [0.1, 1.0]}}))
+    space, _ = load_space(write_space(tmp_path / "s.yaml", searcher="optuna"))
+    assert space.in_process
+    space, _ = load_space(write_space(tmp_path / "s.yaml", trial={"workers": 2}))
+    assert not space.in_process
+    space, _ = load_space(write_space(tmp_path / "s.yaml", space={"trial.cpus_per_worker": {"choice": [1, 2]}}))
+    assert not space.in_process
 
 
 def write_space(path: Path, **fields) -> Path:
@@ -69,7 +95,9 @@ def _children(client, parent_id):
 
 
 @pytest.mark.slow
-def test_search_survives_a_killed_driver_and_asha_stops_trials(tmp_path, synth_corpus):
+def test_optuna_search_survives_a_killed_driver_and_asha_stops_trials(tmp_path, synth_corpus):
+    """SIGKILL of the driver mid-search, then --resume: the Optuna searcher's state is restored (no
+    seventh trial is proposed), no finished trial runs again, one MLflow child per trial."""
     db = tmp_path / "mlflow.db"
     overrides = TINY_TRAIN + [
         f"data.corpus={synth_corpus}", f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{db}",
@@ -82,8 +110,9 @@ def test_search_survives_a_killed_driver_and_asha_stops_trials(tmp_path, synth_c
         metric: loss
         mode: min
         space:
-          objective.w_audio: {{grid: [0.5, 4.0]}}
-        num_samples: 3
+          objective.w_audio: {{uniform: [0.5, 4.0]}}
+        searcher: optuna
+        num_samples: 6
         scheduler: {{name: asha, time_attr: epoch, grace_period: 1, reduction_factor: 2}}
         max_concurrent_trials: 2
     """))
@@ -131,3 +160,30 @@ def test_search_survives_a_killed_driver_and_asha_stops_trials(tmp_path, synth_c
     for tid, end in finished_before.items():
         assert by_id[tid].info.end_time == end, f"trial {tid} finished before the kill but was run again"
     assert parents[0].data.tags.get("avssl.best_trial_id") in by_id
+    assert {c.data.tags.get("avssl.trial_mode") for c in children} == {"in-process"}
+    sampled = [float(c.data.params["space.objective.w_audio"]) for c in children]
+    assert len(set(sampled)) == 6 and all(0.5 <= w <= 4.0 for w in sampled), sampled
+
+
+@pytest.mark.slow
+def test_a_search_ranks_a_working_configuration_above_a_broken_one(tmp_path):
+    """lr 2e-3 (the default) against lr 1e-9 (an encoder that never leaves its random init), on the
+    protocol in miniature (unlabelled pool, labelled word corpus of other speakers). The metric is
+    the probe's held-out-speaker UAR; the working setting must come first, resolved by its
+    standard errors, in every run."""
+    from avssl.tune.driver import run_search
+    from tests.test_science import make_corpora
+
+    pool, labelled = make_corpora(tmp_path, seed=0, pool_speakers=10, probe_speakers=12, pool_clips=96)
+    overrides = [f"data.corpus={pool}", "objective.name=audio", "data.batch_size=16", "train.epochs=9", "train.max_steps=420",
+                 "train.probe.task=word", f"train.probe.corpus={labelled}", "train.probe.max_clips=10000",
+                 "train.figure_every_epochs=0", "train.log_every_steps=20"]
+    space = write_space(tmp_path / "rank.yaml", name="rank", base={"config": "tiny", "overrides": overrides},
+                        space={"train.lr": {"grid": [1e-9, 2e-3]}}, trial={"workers": 1, "cpus_per_worker": 1}, max_concurrent_trials=2)
+    sp, cfg = load_space(space, [f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    res = run_search(sp, cfg)
+    scores = {r["config"]["train.lr"]: r for r in res.trials}
+    good, broken = scores[2e-3], scores[1e-9]
+    assert res.best["config"]["train.lr"] == 2e-3, f"working {good['best']} vs broken {broken['best']}"
+    assert good["best"] - broken["best"] > 2 * (good["se"] ** 2 + broken["se"] ** 2) ** 0.5, (good, broken)
+    assert res.summary["search/tie_rate"] == 0.0

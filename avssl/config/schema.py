@@ -204,7 +204,11 @@ class ProbeConfig(Section):
     enabled: bool = True
     task: str = "emotion"
     corpus: Optional[str] = Field(None, description="labelled corpus the probe fits and scores on; null = evaluate.corpora[task]")
-    max_clips: int = Field(400, ge=10)
+    max_clips: int = Field(400, ge=10, description="training-split clips the probe uses")
+    val_max_clips: int = Field(0, ge=0, description="validation-split clips it uses; 0 = the whole validation split")
+    folds: int = Field(4, ge=0, description="0: fit on training speakers, score on validation speakers; k >= 2: speaker-grouped "
+                       "k-fold over training and validation speakers, every clip scored held out (a search metric needs the "
+                       "resolution: UAR on n clips moves in steps of about 1/n)")
 
 
 class TrainConfig(Section):

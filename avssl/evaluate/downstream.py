@@ -354,7 +354,12 @@ class HeadTrainer:
         head.load_state_dict(state["head"])
         if encoder is not None:
             encoder.load_state_dict(state["encoder"])
-        val_metrics, _ = self.score(encoder, head, "val", self.data.val, CLEAN, 0, norm)
+        val_metrics, val_pred = self.score(encoder, head, "val", self.data.val, CLEAN, 0, norm)
+        if self.task.kind == "classification":  # the selection score's resolution (searches report it)
+            from avssl.evaluate.stats import bootstrap_se
+
+            y_val, p_val = np.asarray(self.data.val.targets), val_pred
+            val_metrics[f"{primary}_se"] = bootstrap_se(lambda i: self.task.score(y_val[i], p_val[i])[primary], len(y_val), seed)
         tests: dict[str, dict[str, float]] = {}
         predictions: dict[str, np.ndarray] = {}
         confusion = None

@@ -273,13 +273,20 @@ def search_table(tracker: Tracker, out: Path, search_run: Optional[str]) -> str:
     rows = []
     for t in trials:
         value = t.data.metrics.get(f"best/{metric}")
+        se = t.data.metrics.get(f"best/{metric}_se")
+        cell = "-" if value is None else f"{value:.4f}" + (f" ± {se:.4f}" if se is not None else "")
         rows.append((value, [t.data.tags.get("avssl.trial_id", "?"), t.data.tags.get("avssl.trial_status", t.info.status)]
-                     + [t.data.params[k] for k in varied] + [f"{value:.4f}" if value is not None else "-",
+                     + [t.data.params[k] for k in varied] + [cell,
                      f"{t.data.metrics.get('epoch', float('nan')):.0f}"]))
     rows.sort(key=lambda x: (x[0] is None, -(x[0] or 0) if mode == "max" else (x[0] or 0)))
-    header = ["trial", "status"] + [k[len("space."):] for k in varied] + [f"best {metric}", "epochs"]
-    _download_figures(tracker, parent.info.run_id, out)
-    return write_table(out / "search", header, [r for _, r in rows], f"Search '{parent.data.tags.get('avssl.search_name', parent.info.run_name)}' ({len(trials)} trials, {mode} {metric}; run {parent.info.run_id})")
+    header = ["trial", "status"] + [k[len("space."):] for k in varied] + [f"best {metric} ± SE", "epochs"]
+    figures = _download_figures(tracker, parent.info.run_id, out)
+    m = parent.data.metrics
+    note = (f"Tie rate {m['search/tie_rate']:.0%} of finished trials; best-vs-worst spread {m.get('search/spread', float('nan')):.4f}"
+            + (f"; the best leads the runner-up by {m['search/lead_over_runner_up_in_se']:.1f} SE" if "search/lead_over_runner_up_in_se" in m else "")
+            + ". SE: bootstrap over the metric's validation clips.\n") if "search/tie_rate" in m else ""
+    grid = "".join(f"\n![search grid](figures/{Path(f).name})\n" for f in figures if Path(f).name == "search_grid.png")
+    return write_table(out / "search", header, [r for _, r in rows], f"Search '{parent.data.tags.get('avssl.search_name', parent.info.run_name)}' ({len(trials)} trials, {mode} {metric}; run {parent.info.run_id})") + note + grid
 
 
 def build_report(cfg: Config, tracker: Optional[Tracker] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:

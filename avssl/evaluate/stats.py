@@ -93,6 +93,15 @@ class Interval:
         return d
 
 
+def bootstrap_se(score: Callable[[np.ndarray], float], n: int, seed: int = 0, resamples: int = 200) -> float:
+    """Standard error of `score(indices)` over n clips, by bootstrap (clips resampled with
+    replacement): a selection metric's resolution, i.e. how far apart two search trials must be
+    to be told apart. Intervals in reports come from `cell_interval` / `paired_difference`."""
+    rng = np.random.default_rng(seed)
+    values = [score(rng.integers(0, n, n)) for _ in range(resamples)]
+    return float(np.nanstd(values, ddof=1))
+
+
 def format_interval(iv: Interval, digits: int = 3) -> str:
     """``"0.412 [0.380, 0.441]"``."""
     f = f"{{:.{digits}f}}"

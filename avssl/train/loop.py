@@ -264,19 +264,83 @@ def _write_tracking_status(run_dir: Path, result: dict[str, Any]) -> None:
         pass
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
+class RayTrainSession:
+    """The loop's view of Ray Train: one of `world` DDP workers, checkpoints reported to the controller."""
 
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.last: dict[str, Any] = {}
+
+    def get_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path] = None, name: Optional[str] = None) -> None:
+        import ray.train
+
+        self.last = metrics
+        if checkpoint_dir is None:
+            ray.train.report(metrics, checkpoint=None)
+        else:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)), checkpoint_dir_name=name)
+
+
+class TuneTrialSession:
+    """The loop run inside a Tune trial's own process (a one-worker trial): no nested trainer, no
+    DDP; checkpoints go to the trial's storage through `tune.report`, and a restored trial gets
+    the latest one back from `tune.get_checkpoint()`, as a Ray Train worker would."""
+
+    rank, world = 0, 1
+
+    def __init__(self) -> None:
+        import ray
+
+        self.device = torch.device("cuda", 0) if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+        self.last: dict[str, Any] = {}
+
+    def get_checkpoint(self):
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path] = None, name: Optional[str] = None) -> None:
+        from ray import tune
+
+        self.last = metrics
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point: the loop on one of the trainer's workers."""
+    run_loop(config, RayTrainSession())
+
+
+def run_loop(config: dict[str, Any], session: Any) -> None:
+    """The training loop, on a `RayTrainSession` (one DDP worker of a TorchTrainer) or a
+    `TuneTrialSession` (inside a one-worker Tune trial). Same steps, checkpoints and logging."""
     from avssl.runtime import quiet_train_worker_logs
     from avssl.tracking import RunLogger
 
     cfg: Config = config_from_dict(config["cfg"])
     quiet_train_worker_logs(cfg.train.log_level)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     torch.set_num_threads(cfg.train.threads_per_worker or max(1, int(cfg.train.cpus_per_worker)))
-    device = ray.train.torch.get_device()
+    device = session.device
     _record_worker(Path(cfg.train.storage_path) / str(cfg.run_name), rank, world)
 
     parts = build_parts(cfg, rank, world, device)
@@ -285,7 +349,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     epoch_steps, total_steps = parts.epoch_steps, parts.total_steps
     state = TrainState()
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             payload = load_state(Path(d))
@@ -302,7 +366,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[avssl] resumed from checkpoint at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})", flush=True)
 
-    model = ray.train.torch.prepare_model(model)
+    model = session.prepare_model(model)
     raw: AVSSLModel = model.module if hasattr(model, "module") else model
 
     logger = None
@@ -325,18 +389,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             from avssl.config.schema import probe_corpus
 
-            probe = QuickProbe(Corpus(probe_corpus(cfg)), cfg.train.probe.task, cfg.train.probe.max_clips, cfg.seed)
+            probe = QuickProbe(Corpus(probe_corpus(cfg)), cfg.train.probe.task, cfg.train.probe.max_clips, cfg.seed,
+                               val_max_clips=cfg.train.probe.val_max_clips, folds=cfg.train.probe.folds)
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
-        if not with_checkpoint:
-            ray.train.report(metrics)
+        if not with_checkpoint or rank != 0:
+            session.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                _save_state(Path(tmp), raw, optimizer, scheduler, scaler, state, generator)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"checkpoint_step{state.step:07d}")
-            else:
-                ray.train.report(metrics, checkpoint=None)
+            _save_state(Path(tmp), raw, optimizer, scheduler, scaler, state, generator)
+            session.report(metrics, Path(tmp), f"checkpoint_step{state.step:07d}")
 
     running = Running()
     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
@@ -394,7 +456,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if figure_batch is not None and (last or (every and (epoch + 1) % every == 0)):
                     logger.figure(generated_frames_figure(raw, figure_batch, device, title=f"epoch {epoch + 1}, step {state.step}"), f"frames/epoch_{epoch + 1:03d}.png")
             parts_msg = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in metrics.items() if k.startswith("val/loss/") and k.count("/") == 2)
-            probe_msg = "".join(f" | {k.split('/')[-1]} {v:.3f}" for k, v in metrics.items() if k.startswith("probe/val_uar") or k.startswith("probe/val_ccc"))
+            probe_msg = "".join(f" | {k.split('/')[-1]} {v:.3f}" for k, v in metrics.items() if k in ("probe/val_uar", "probe/val_ccc"))
             print(
                 f"[avssl] epoch {epoch + 1}/{cfg.train.epochs} step {state.step}: train loss {metrics['loss']:.4f}"
                 f" | val loss {metrics.get('val/loss', float('nan')):.4f}" + (f" ({parts_msg})" if parts_msg else "")

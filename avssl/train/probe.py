@@ -12,6 +12,7 @@ import torch
 from avssl.data.corpus import Corpus
 from avssl.data.loader import iterate_rows
 from avssl.evaluate.metrics import ccc, unweighted_average_recall
+from avssl.evaluate.stats import bootstrap_se
 from avssl.evaluate.tasks import TASKS
 from avssl.models.heads import length_mask
 
@@ -34,19 +35,37 @@ def pooled_embeddings(encoder: torch.nn.Module, batches: list[dict[str, torch.Te
 
 
 class QuickProbe:
-    def __init__(self, corpus: Corpus, task_name: str, max_clips: int, seed: int = 0, batch_size: int = 32):
+    """With `folds` 0: fit on training speakers, score on validation speakers. With `folds` k >= 2:
+    speaker-grouped k-fold over the training and validation speakers together, so every one of
+    those clips gets a held-out-speaker prediction and the score has the resolution of all of them
+    (test speakers are never touched either way)."""
+
+    def __init__(self, corpus: Corpus, task_name: str, max_clips: int, seed: int = 0, batch_size: int = 32,
+                 val_max_clips: int = 0, folds: int = 0):
         task_cls = TASKS.get(task_name)
         self.task = task_cls(corpus.label_values(task_cls.labels[0]) if task_cls.kind == "classification" else None)
+        self.seed, self.folds = seed, folds
         train = corpus.select("train", require=self.task.labels, max_clips=max_clips, seed=seed)
-        val = corpus.select("val", require=self.task.labels, max_clips=max(10, max_clips // 2), seed=seed)
+        val = corpus.select("val", require=self.task.labels, max_clips=val_max_clips, seed=seed)
         self.available = bool(train) and bool(val)
         if not self.available:
             return
-        self.y_train = np.array([self.task.target(r) for r in train])
-        self.y_val = np.array([self.task.target(r) for r in val])
+        rows = train + val
+        self.y = np.array([self.task.target(r) for r in rows])
+        speakers = [r["speaker"] for r in rows]
+        self.groups = np.array([sorted(set(speakers)).index(x) for x in speakers])
+        self.is_val = np.array([False] * len(train) + [True] * len(val))
+        if folds:
+            self.folds = min(folds, len(set(speakers)))
         # Decoded once and kept: the probe runs every epoch on the same clips.
-        self.train_batches = [b for _, b in iterate_rows(corpus, train, batch_size)]
-        self.val_batches = [b for _, b in iterate_rows(corpus, val, batch_size)]
+        self.batches = [b for _, b in iterate_rows(corpus, rows, batch_size)]
+
+    def _splits(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        if not self.folds:
+            return [(np.flatnonzero(~self.is_val), np.flatnonzero(self.is_val))]
+        from sklearn.model_selection import GroupKFold
+
+        return list(GroupKFold(n_splits=self.folds).split(self.y, groups=self.groups))
 
     def __call__(self, encoder: torch.nn.Module, device: torch.device) -> dict[str, Any]:
         """Scores a copy of the encoder with recomputed BatchNorm statistics (as it will be saved)."""
@@ -54,27 +73,42 @@ class QuickProbe:
             return {}
         import copy
 
-        from avssl.models import recalibrate_batchnorm
-
-        encoder = copy.deepcopy(encoder)
-        recalibrate_batchnorm(encoder, [b["wave"] for b in self.train_batches[:8]], device)
         from sklearn.linear_model import LogisticRegression, Ridge
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        x_tr = pooled_embeddings(encoder, self.train_batches, device)
-        x_va = pooled_embeddings(encoder, self.val_batches, device)
+        from avssl.models import recalibrate_batchnorm
+
+        encoder = copy.deepcopy(encoder)
+        recalibrate_batchnorm(encoder, [b["wave"] for b in self.batches[:8]], device)
+        x = pooled_embeddings(encoder, self.batches, device)
+        held_out = np.concatenate([te for _, te in self._splits()])
+        y = self.y[held_out]
+        out: dict[str, Any] = {"probe/val_clips": float(len(held_out))}
         if self.task.kind == "classification":
-            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=0.5))
-            clf.fit(x_tr, self.y_train)
-            pred = clf.predict(x_va)
-            return {
-                "probe/val_uar": unweighted_average_recall(self.y_val, pred, len(self.task.classes)),
-                "probe/val_accuracy": float((pred == self.y_val).mean()),
+            n_classes = len(self.task.classes)
+            proba = np.zeros((len(self.y), n_classes))
+            for tr, te in self._splits():
+                clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=0.5)).fit(x[tr], self.y[tr])
+                proba[np.ix_(te, clf.classes_.astype(int))] = clf.predict_proba(x[te])
+            proba = proba[held_out]
+            pred = proba.argmax(1)
+            p_true = proba[np.arange(len(y)), y.astype(int)]
+            return out | {
+                "probe/val_uar": unweighted_average_recall(y, pred, n_classes),
+                "probe/val_uar_se": bootstrap_se(lambda i: unweighted_average_recall(y[i], pred[i], n_classes), len(y), self.seed),
+                "probe/val_accuracy": float((pred == y).mean()),
+                "probe/val_nll": float(-np.log(np.clip(p_true, 1e-7, 1.0)).mean()),
             }
-        reg = make_pipeline(StandardScaler(), Ridge(alpha=10.0)).fit(x_tr, self.y_train)
-        pred = reg.predict(x_va)
-        return {"probe/val_ccc": float(np.nanmean([ccc(self.y_val[:, i], pred[:, i]) for i in range(pred.shape[1])]))}
+        pred = np.zeros(self.y.shape)
+        for tr, te in self._splits():
+            pred[te] = make_pipeline(StandardScaler(), Ridge(alpha=10.0)).fit(x[tr], self.y[tr]).predict(x[te])
+        pred = pred[held_out]
+
+        def mean_ccc(i: np.ndarray) -> float:
+            return float(np.nanmean([ccc(y[i, d], pred[i, d]) for d in range(pred.shape[1])]))
+
+        return out | {"probe/val_ccc": mean_ccc(np.arange(len(y))), "probe/val_ccc_se": bootstrap_se(mean_ccc, len(y), self.seed)}
 
     @property
     def metric(self) -> str:
@@ -101,6 +135,6 @@ def check_probe(cfg, metric: str = "") -> None:
                 f"the pretraining probe (task '{probe.task}') needs '{split}' clips labelled with {', '.join(task_cls.labels)}; "
                 f"corpus {corpus.root} has none. Point train.probe.corpus at a labelled corpus, or set train.probe.enabled=false"
             )
-    produced = ("probe/val_uar", "probe/val_accuracy") if task_cls.kind == "classification" else ("probe/val_ccc",)
+    produced = ("probe/val_uar", "probe/val_accuracy", "probe/val_nll") if task_cls.kind == "classification" else ("probe/val_ccc",)
     if metric.startswith("probe/") and metric not in produced:
         raise ConfigError(f"metric '{metric}' is not produced by a '{probe.task}' probe (it reports {', '.join(produced)})")

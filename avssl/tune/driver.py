@@ -49,18 +49,21 @@ def trial_config(static: dict[str, Any], params: dict[str, Any], trial_id: str) 
     return cfg, trial
 
 
-def _downstream(cfg: Config, trial: TrialSettings, encoder_path: Optional[str]) -> dict[str, float]:
-    """Train one downstream head (in a Ray task holding the trial's CPUs) and return its validation scores."""
+def _downstream(cfg: Config, trial: TrialSettings, encoder_path: Optional[str], in_process: bool) -> dict[str, float]:
+    """Train one downstream head and return its validation scores: in the trial's process when it
+    holds the trial's CPUs, else in a Ray task that holds them."""
     import ray
 
-    from avssl.data.corpus import Corpus
     from avssl.evaluate.runner import TaskDataCache, fit_seeds
     from avssl.evaluate.sources import resolve_source
 
     source = resolve_source(encoder_path if trial.encoder == "pretrained" else "scratch", cfg, seed=cfg.seed)
     data = TaskDataCache(cfg).get(trial.task)
-    remote = ray.remote(num_cpus=trial.cpus_per_worker)(fit_seeds)
-    result = ray.get(remote.remote(source, data, cfg.evaluate, cfg.evaluate.label_fraction, (("clean", None),), (), [cfg.seed]))[0]
+    args = (source, data, cfg.evaluate, cfg.evaluate.label_fraction, (("clean", None),), (), [cfg.seed])
+    if in_process:
+        result = fit_seeds(*args)[0]
+    else:
+        result = ray.get(ray.remote(num_cpus=trial.cpus_per_worker)(fit_seeds).remote(*args))[0]
     # Selection metrics only: a search never sees (or logs) test-set scores.
     return {f"downstream/val_{k}": v for k, v in result.val.items()} | {"downstream/best_epoch": result.best_epoch}
 
@@ -71,7 +74,7 @@ def trial_fn(config: dict[str, Any], static: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from avssl.train.loop import ENCODER_FILE
+    from avssl.train.loop import ENCODER_FILE, TuneTrialSession, run_loop
     from avssl.train.trainer import build_trainer
 
     config = dict(config)
@@ -89,24 +92,33 @@ def trial_fn(config: dict[str, Any], static: dict[str, Any]) -> None:
         return
     params = {**flat_params(config), "trial.encoder": trial.encoder, "trial.task": trial.task, "evaluate.label_fraction": cfg.evaluate.label_fraction}
     run_id, _ = tracker.find_or_start_run(f"{static['search_name']}-{trial_id}", key, params=params, parent_id=static["parent_run_id"])
-    tracker.set_tags(run_id, {"avssl.search_name": static["search_name"], "avssl.encoder": trial.encoder, DONE_TAG: "running"})
+    tracker.set_tags(run_id, {"avssl.search_name": static["search_name"], "avssl.encoder": trial.encoder, DONE_TAG: "running",
+                              "avssl.trial_mode": "in-process" if static["in_process"] else "nested TorchTrainer"})
     encoder_path = None
     final: dict[str, float] = {}
+    in_process = static["in_process"]
     if trial.encoder == "pretrained":
         run_dir = Path(cfg.train.storage_path) / trial_id
         loop_config = {"cfg": cfg.model_dump(mode="json"), "tracking_uri": tracker.uri, "run_id": run_id, "encoder_dir": str(run_dir)}
-        result = build_trainer(cfg, loop_config, callbacks=[TuneReportCallback()]).fit()
-        final.update({k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))})
+        if in_process:
+            # The same loop as a Ray Train worker's, in this process: checkpoints and resume go
+            # through the trial's own storage (tune.report / tune.get_checkpoint).
+            session = TuneTrialSession()
+            run_loop(loop_config, session)
+            last = session.last
+        else:
+            last = build_trainer(cfg, loop_config, callbacks=[TuneReportCallback()]).fit().metrics or {}
+        final.update({k: v for k, v in last.items() if isinstance(v, (int, float))})
         encoder_path = str(run_dir / ENCODER_FILE)
         tracker.set_tags(run_id, {"avssl.encoder_path": encoder_path})
     if trial.downstream:
-        scores = _downstream(cfg, trial, encoder_path)
+        scores = _downstream(cfg, trial, encoder_path, in_process)
         scores["epoch"] = cfg.train.epochs + 1 if trial.encoder == "pretrained" else 1
         tracker.log_metrics(run_id, scores, step=int(scores["epoch"]))
         final.update(scores)
         tune.report(scores)
     if metric in final:
-        tracker.log_metrics(run_id, {f"best/{metric}": final[metric]})
+        tracker.log_metrics(run_id, {f"best/{metric}": final[metric]} | ({f"best/{metric}_se": final[f"{metric}_se"]} if f"{metric}_se" in final else {}))
     tracker.set_tags(run_id, {DONE_TAG: "finished"})
     tracker.end_run(run_id, "FINISHED")
 
@@ -122,10 +134,14 @@ def _trial_runs_sync(tracker: Tracker, parent_id: str, metric: str, mode: str, m
             for run in runs:
                 if run.data.tags.get(DONE_TAG) == "finished" and status == "FINISHED":
                     continue
-                history = [m.value for m in tracker.metric_history(run.info.run_id, metric)]
+                history = tracker.metric_history(run.info.run_id, metric)
                 if history:
-                    best = max(history) if mode == "max" else min(history)
-                    tracker.log_metrics(run.info.run_id, {f"best/{metric}": best})
+                    best = (max if mode == "max" else min)(history, key=lambda m: m.value)
+                    values = {f"best/{metric}": best.value}
+                    se = [m.value for m in tracker.metric_history(run.info.run_id, f"{metric}_se") if m.step == best.step]
+                    if se:
+                        values[f"best/{metric}_se"] = se[-1]
+                    tracker.log_metrics(run.info.run_id, values)
                 tracker.set_tags(run.info.run_id, {DONE_TAG: label})
                 tracker.end_run(run.info.run_id, status)
 
@@ -147,6 +163,7 @@ class SearchResult:
     best: Optional[dict[str, Any]]
     seconds: float
     restored: bool
+    summary: dict[str, float]
 
 
 def _trial_rows(grid: Any, metric: str, mode: str) -> list[dict[str, Any]]:
@@ -155,15 +172,58 @@ def _trial_rows(grid: Any, metric: str, mode: str) -> list[dict[str, Any]]:
         df = r.metrics_dataframe
         values = df[metric].dropna().tolist() if df is not None and metric in df else []
         best = (max(values) if mode == "max" else min(values)) if values else None
+        se = None
+        if best is not None and f"{metric}_se" in df:
+            at_best = df[df[metric] == best][f"{metric}_se"].dropna()
+            se = float(at_best.iloc[-1]) if len(at_best) else None
         cfg = dict(r.config or {})
         rows.append({
             "trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name,
             "config": cfg,
             "best": best,
+            "se": se,
             "epochs": float(df["epoch"].max()) if df is not None and "epoch" in df and len(df) else 0.0,
             "error": str(r.error) if r.error else None,
         })
     return rows
+
+
+def tie_rate(rows: list[dict[str, Any]], decimals: int = 6) -> float:
+    """The share of finished trials whose score equals another finished trial's: a metric without
+    the resolution to tell configurations apart shows up here first."""
+    scores = [round(r["best"], decimals) for r in rows if r["best"] is not None]
+    if len(scores) < 2:
+        return 0.0
+    return sum(1 for v in scores if scores.count(v) > 1) / len(scores)
+
+
+def search_summary(rows: list[dict[str, Any]], mode: str) -> dict[str, float]:
+    """Tie rate, best-vs-worst spread, and the best trial's lead over the runner-up in units of its
+    standard error (when the metric reports one)."""
+    ok = sorted((r for r in rows if r["best"] is not None), key=lambda r: r["best"], reverse=mode == "max")
+    out = {"search/trials": float(len(rows)), "search/finished": float(len(ok)), "search/errored": float(sum(1 for r in rows if r["error"])),
+           "search/tie_rate": tie_rate(rows)}
+    if ok:
+        out["search/spread"] = abs(ok[0]["best"] - ok[-1]["best"])
+        if ok[0].get("se") is not None:
+            out["search/best_se"] = ok[0]["se"]
+    if len(ok) > 1 and ok[0].get("se") and ok[1].get("se"):
+        out["search/lead_over_runner_up_in_se"] = abs(ok[0]["best"] - ok[1]["best"]) / float(np.hypot(ok[0]["se"], ok[1]["se"]))
+    return out
+
+
+def _searcher(space: SearchSpace, concurrent: int):
+    """Random/grid sampling, or Optuna's TPE behind a concurrency limit. Either one's state is part
+    of the search's checkpoint, so a restored search carries on with the same sampler."""
+    if space.searcher == "optuna":
+        from optuna.samplers import TPESampler
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(sampler=TPESampler(seed=space.seed)), max_concurrent=concurrent)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=concurrent, random_state=space.seed)
 
 
 def _search_figures(tracker: Tracker, parent_id: str, space: SearchSpace, rows: list[dict[str, Any]], metric: str) -> None:
@@ -182,11 +242,13 @@ def _search_figures(tracker: Tracker, parent_id: str, space: SearchSpace, rows: 
         a, b = grids
         ra = [_label(v) for v in space.space[a]["grid"]]
         cb = [_label(v) for v in space.space[b]["grid"]]
-        values = np.full((len(ra), len(cb)), np.nan)
+        values, errors = np.full((len(ra), len(cb)), np.nan), np.full((len(ra), len(cb)), np.nan)
         for r in ok:
             i, j = ra.index(_label(r["config"][a])), cb.index(_label(r["config"][b]))
-            values[i, j] = r["best"] if np.isnan(values[i, j]) else max(values[i, j], r["best"])
-        tracker.log_figure(parent_id, heatmap(values, ra, cb, b, a, f"best {metric}"), "search_grid.png")
+            if np.isnan(values[i, j]) or r["best"] > values[i, j]:
+                values[i, j], errors[i, j] = r["best"], r.get("se") if r.get("se") is not None else np.nan
+        title = f"best {metric}" + (" ± 1.96 SE (bootstrap over validation clips)" if np.isfinite(errors).any() else "")
+        tracker.log_figure(parent_id, heatmap(values, ra, cb, b, a, title, errors=1.96 * errors), "search_grid.png")
 
 
 def _label(v: Any) -> str:
@@ -216,7 +278,6 @@ def _check_metric(space: SearchSpace, cfg: Config) -> None:
 def run_search(space: SearchSpace, cfg: Config, name: Optional[str] = None, resume: bool = False, retry_errored: bool = False) -> SearchResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     t0 = time.perf_counter()
     name = name or space.name
@@ -236,8 +297,17 @@ def run_search(space: SearchSpace, cfg: Config, name: Optional[str] = None, resu
     capacity = int(resources.get("CPU", 1) // per_trial)
     if capacity < 1:
         raise AvsslError(f"a trial needs {per_trial:g} CPUs; the Ray cluster has {resources.get('CPU', 0):g}")
+    gpus = space.trial.workers * space.trial.gpus_per_worker
+    if gpus:
+        if resources.get("GPU", 0) < min(gpus, 1):
+            raise AvsslError(f"a trial needs {gpus:g} GPU(s) (trial.gpus_per_worker={space.trial.gpus_per_worker:g}); the Ray cluster has {resources.get('GPU', 0):g}")
+        capacity = min(capacity, int(resources["GPU"] / gpus + 1e-9))
     concurrent = min(space.max_concurrent_trials, capacity)
-    driver = {"CPU": 0, TUNE_DRIVER_RESOURCE: 1} if resources.get(TUNE_DRIVER_RESOURCE) else {"CPU": 0.01}
+    in_process = space.in_process
+    if in_process:  # the trial's process is the worker: it holds the worker's resources
+        trial_resources = {"CPU": space.trial.cpus_per_worker} | ({"GPU": space.trial.gpus_per_worker} if space.trial.gpus_per_worker else {})
+    else:  # a driver that holds nothing, and a nested TorchTrainer whose workers hold the resources
+        trial_resources = {"CPU": 0, TUNE_DRIVER_RESOURCE: 1} if resources.get(TUNE_DRIVER_RESOURCE) else {"CPU": 0.01}
 
     search_key = {"avssl.kind": "search", "avssl.search_name": name}
     parent_id, reopened = tracker.find_or_start_run(
@@ -255,13 +325,15 @@ def run_search(space: SearchSpace, cfg: Config, name: Optional[str] = None, resu
         "parent_run_id": parent_id,
         "search_name": name,
         "metric": space.metric,
+        "in_process": in_process,
     }
     param_space = to_tune(space)
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, static=static), driver)
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, static=static), trial_resources)
     callbacks = [_trial_runs_sync(tracker, parent_id, space.metric, space.mode, max_epochs)]
     run_config = tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks, verbose=1)
     print(f"search '{name}': {space.total_trials} trials, up to {concurrent} at a time, {space.mode} {space.metric}; "
-          f"scheduler {space.scheduler.name}; MLflow run {parent_id}" + (" (restoring)" if restorable else ""), flush=True)
+          f"searcher {space.searcher}, scheduler {space.scheduler.name}; trials {'in-process' if in_process else 'on nested TorchTrainers'}; "
+          f"MLflow run {parent_id}" + (" (restoring)" if restorable else ""), flush=True)
     try:
         if restorable:
             tuner = Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=retry_errored, param_space=param_space)
@@ -277,7 +349,7 @@ def run_search(space: SearchSpace, cfg: Config, name: Optional[str] = None, resu
                 param_space=param_space,
                 tune_config=tune.TuneConfig(
                     metric=space.metric, mode=space.mode, scheduler=scheduler, num_samples=space.num_samples,
-                    search_alg=BasicVariantGenerator(max_concurrent=concurrent, random_state=space.seed),
+                    search_alg=_searcher(space, concurrent),
                 ),
                 run_config=run_config,
             )
@@ -288,8 +360,7 @@ def run_search(space: SearchSpace, cfg: Config, name: Optional[str] = None, resu
     rows = _trial_rows(grid, space.metric, space.mode)
     ok = [r for r in rows if r["best"] is not None]
     best = (max if space.mode == "max" else min)(ok, key=lambda r: r["best"]) if ok else None
-    summary = {"search/trials": len(rows), "search/errored": sum(1 for r in rows if r["error"]),
-               "search/seconds": time.perf_counter() - t0}
+    summary = search_summary(rows, space.mode) | {"search/seconds": time.perf_counter() - t0}
     if best:
         summary[f"search/best_{space.metric}"] = best["best"]
         best_runs = tracker.find_runs({"avssl.kind": "trial", "avssl.trial_id": best["trial_id"]}, parent_id=parent_id)
@@ -302,15 +373,23 @@ def run_search(space: SearchSpace, cfg: Config, name: Optional[str] = None, resu
     _search_figures(tracker, parent_id, space, rows, space.metric)
     tracker.set_tags(parent_id, {"avssl.search_status": "finished"})
     tracker.end_run(parent_id, "FINISHED")
-    return SearchResult(name, parent_id, rows, best, time.perf_counter() - t0, restorable)
+    return SearchResult(name, parent_id, rows, best, time.perf_counter() - t0, restorable, summary)
 
 
 def print_result(res: SearchResult, space: SearchSpace, uri: str) -> None:
     print(f"\nsearch '{res.name}' {'restored and ' if res.restored else ''}finished in {res.seconds:.0f} s: {len(res.trials)} trials")
     for r in sorted(res.trials, key=lambda r: (r["best"] is None, -(r["best"] or 0) if space.mode == "max" else (r["best"] or 0))):
         vals = ", ".join(f"{k}={_label(v)}" for k, v in r["config"].items())
-        best = f"{r['best']:.4f}" if r["best"] is not None else "-"
-        print(f"  {r['trial_id']:<14} {space.metric}={best:<8} epochs={r['epochs']:<4g} {vals}" + (f"  ERROR {r['error'][:80]}" if r["error"] else ""))
+        best = (f"{r['best']:.4f}" + (f"±{r['se']:.3f}" if r.get("se") is not None else "")) if r["best"] is not None else "-"
+        print(f"  {r['trial_id']:<14} {space.metric}={best:<14} epochs={r['epochs']:<4g} {vals}" + (f"  ERROR {r['error'][:80]}" if r["error"] else ""))
+    summ = res.summary
+    line = f"tie rate {summ['search/tie_rate']:.0%} of {summ['search/finished']:.0f} finished trials"
+    if "search/spread" in summ:
+        line += f"; best-vs-worst spread {summ['search/spread']:.4f}"
+    if "search/lead_over_runner_up_in_se" in summ:
+        lead = summ["search/lead_over_runner_up_in_se"]
+        line += f"; best leads the runner-up by {lead:.1f} standard errors" + ("" if lead >= 2 else " (not resolved: below 2)")
+    print(line)
     if res.best:
         print(f"best trial {res.best['trial_id']} ({space.metric}={res.best['best']:.4f}): "
               + ", ".join(f"{k}={_label(v)}" for k, v in res.best["config"].items()))

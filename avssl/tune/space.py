@@ -34,7 +34,9 @@ class TrialSettings(Strict):
     task: str = "emotion"
     workers: int = Field(1, ge=1, description="Ray Train workers per trial")
     cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="a fraction (e.g. 0.25) lets small trials share a GPU")
+    in_process: bool = Field(True, description="a one-worker trial runs the training loop in the trial's own process "
+                             "(no nested TorchTrainer); trials with several workers always nest one")
 
 
 class SchedulerSettings(Strict):
@@ -59,7 +61,7 @@ class SearchSpace(Strict):
     space: dict[str, dict[str, Any]]
     trial: TrialSettings = TrialSettings()
     scheduler: Optional[SchedulerSettings] = None  # default: ASHA unless the space has a grid
-    searcher: Literal["random"] = "random"
+    searcher: Literal["random", "optuna"] = Field("random", description="random/grid sampling, or Optuna's TPE (model-based)")
     num_samples: int = Field(1, ge=1, description="samples of the random dimensions (each grid point is run this many times)")
     max_concurrent_trials: int = Field(2, ge=1)
     seed: int = 0
@@ -79,7 +81,25 @@ class SearchSpace(Strict):
             _check_distribution(key, dist)
         if self.scheduler is None:
             self.scheduler = SchedulerSettings(name="none" if self.has_grid else "asha")
+        if self.searcher == "optuna" and self.has_grid:
+            raise ValueError("searcher optuna samples its dimensions; grids run with searcher: random")
         return self
+
+    def searched_trial_fields(self) -> set[str]:
+        """The `trial.*` fields this space varies (directly or inside grid bundles)."""
+        found = set()
+        for key, dist in self.space.items():
+            values = next(iter(dist.values()))
+            keys = [key] + [k for v in (values if isinstance(values, list) else []) if isinstance(v, dict) for k in v]
+            found.update(k[len("trial."):] for k in keys if k.startswith("trial."))
+        return found
+
+    @property
+    def in_process(self) -> bool:
+        """Whether trials train inside their own process: one worker, and the trial's resources
+        (workers, CPUs, GPUs) fixed for the whole search."""
+        return self.trial.in_process and self.trial.workers == 1 and not (
+            self.searched_trial_fields() & {"workers", "cpus_per_worker", "gpus_per_worker", "in_process"})
 
     @property
     def has_grid(self) -> bool:
