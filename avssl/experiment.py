@@ -334,7 +334,7 @@ class RecipeRun:
         if report["claims"]:
             print("the paper's claims on this run:\n" + claims_summary(report["claims"]))
         print(f"report: {report['out']}/report.md ({len(report['figures'])} figures); MLflow parent run {self.parent_id}")
-        print(f"browse everything: {mlflow_ui_hint(self.tracker.uri)}")
+        print(f"browse everything: {mlflow_ui_hint(self.tracker.uri, self.tracker.experiment_id)}")
         return {"report": report, "timings": self.timings, "total_s": total, "parent_run_id": self.parent_id}
 
 

@@ -11,6 +11,7 @@ Local default: a SQLite store `./mlflow.db` with artifacts under `./mlruns`; on 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -27,6 +28,10 @@ log = logging.getLogger("avssl.tracking")
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000
+# MLflow 3 opens an experiment on the runs table (not the GenAI overview) when it is marked as
+# model development.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def _quiet_mlflow_http() -> None:
@@ -34,6 +39,7 @@ def _quiet_mlflow_http() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded encoder otherwise
     # One line from RunLogger says the server is down; not one urllib3 warning per attempt.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
@@ -97,6 +103,15 @@ class Tracker:
             self.experiment_id = self._experiment(experiment, artifact_root)
         except Exception as e:
             raise TrackingError(f"MLflow at {self.uri} refused to open experiment '{experiment}': {e}") from None
+        self._mark_kind()
+
+    def _mark_kind(self) -> None:
+        try:
+            exp = self.client.get_experiment(self.experiment_id)
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        except Exception as e:  # cosmetic: never fail a run over it
+            log.debug("could not tag experiment kind: %s", e)
 
     def _experiment(self, name: str, artifact_root: Optional[str]) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -207,6 +222,112 @@ class Tracker:
 
     def metric_history(self, run_id: str, key: str) -> list[Any]:
         return self.client.get_metric_history(run_id, key)
+
+    # -- datasets and registered models ------------------------------------------------------
+    def log_corpus(self, run_id: str, corpus: Any, context: str) -> None:
+        """Record a corpus the run read as an MLflow dataset input (the UI's Dataset column):
+        name, manifest digest, source folder, and clip/speaker counts per split."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        root = str(corpus.root)
+        dataset = Dataset(name=corpus.name, digest=corpus.digest(), source_type="s3" if root.startswith("s3://") else "local",
+                          source=json.dumps({"uri": root}), profile=json.dumps(corpus.profile()))
+        self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+    def register_encoder(self, run_id: str, encoder_file: Path, name: str, aliases: Iterable[str] = ()) -> str:
+        """Log the encoder as an MLflow PyTorch model of the run (signature and input example: one
+        second of 16 kHz audio -> frame embeddings), with avssl's weights-only encoder file inside it,
+        register it under `name`, and point `aliases` at the new version. Returns the version."""
+        import re
+
+        import mlflow
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import infer_signature
+
+        from avssl.models import load_encoder
+
+        encoder, _ = load_encoder(encoder_file)
+        encoder.eval()
+        example = np.zeros((1, 16000), np.float32)
+        with torch.no_grad():
+            out = encoder(torch.from_numpy(example)).float().numpy()
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        # The model file is the flavour's pickle (MLflow's graph format cannot export this encoder);
+        # avssl itself only ever reads the weights-only encoder.pt stored beside it.
+        flavour_log = logging.getLogger("mlflow.pytorch")
+        level = flavour_log.level
+        flavour_log.setLevel(logging.ERROR)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                encoder, name="encoder_model", signature=infer_signature(example, out), input_example=example,
+                extra_files=[str(encoder_file)], registered_model_name=name, pip_requirements=[f"torch=={torch.__version__}"], serialization_format="pickle",
+                await_registration_for=60,
+            )
+        flavour_log.setLevel(level)
+        version = str(info.registered_model_version)
+        for alias in aliases:
+            self.client.set_registered_model_alias(name, re.sub(r"[^\w-]", "-", alias)[:255], version)
+        return version
+
+    def registered_encoder(self, uri: str) -> tuple[Path, Any]:
+        """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> (the encoder weights file inside the
+        registered model, its model version)."""
+        from avssl.errors import ConfigError
+
+        ref = uri[len("models:/"):]
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            get = lambda: self.client.get_model_version_by_alias(name, alias)  # noqa: E731
+        elif "/" in ref and ref.rsplit("/", 1)[1].isdigit():
+            name, version = ref.rsplit("/", 1)
+            get = lambda: self.client.get_model_version(name, version)  # noqa: E731
+        else:
+            raise ConfigError(f"'{uri}': give models:/NAME@ALIAS or models:/NAME/VERSION")
+        try:
+            mv = get()
+        except Exception:
+            known = sorted(m.name for m in self.client.search_registered_models())
+            raise ConfigError(f"'{uri}': no such registered model version in {self.uri}; registered models: {', '.join(known) or 'none'}") from None
+        import mlflow.artifacts
+
+        dst = Path(tempfile.mkdtemp(prefix="avssl-model-"))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst), tracking_uri=self.uri))
+        found = sorted(local.rglob("encoder.pt"))
+        if not found:
+            raise TrackingError(f"'{uri}' (version {mv.version}) holds no encoder.pt; it was not registered by avssl")
+        return found[0], mv
+
+
+@contextlib.contextmanager
+def system_metrics(loop_config: dict[str, Any], rank: int):
+    """CPU, memory, disk, network (and GPU, with nvidia-ml-py installed and a GPU present)
+    utilisation of the training process's machine, logged to its run as `system/*` while the block
+    runs: rank 0 only, on when `tracking.system_metrics` is."""
+    tracking = loop_config["cfg"].get("tracking", {})
+    monitor = None
+    if rank == 0 and loop_config.get("run_id") and tracking.get("system_metrics", True):
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(loop_config["run_id"], sampling_interval=tracking.get("system_metrics_interval_s", 10.0),
+                                           tracking_uri=loop_config["tracking_uri"])
+            monitor.start()
+        except Exception as e:  # monitoring is optional; training is not
+            log.warning("system metrics off for this run: %s", e)
+            monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            try:
+                monitor.finish()
+            except Exception as e:
+                log.warning("system metrics: %s", e)
 
 
 class RunLogger:
@@ -340,7 +461,14 @@ class RunLogger:
         return str(dst)
 
 
-def mlflow_ui_hint(uri: str) -> str:
+def runs_page_url(server: str, experiment_id: str) -> str:
+    """The experiment's runs table. MLflow 3's UI opens every experiment on its GenAI overview
+    unless the page says which workflow it is in; this link says model training."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def mlflow_ui_hint(uri: str, experiment_id: Optional[str] = None) -> str:
     if uri.startswith("sqlite:///"):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-    return f"open {uri} in a browser"
+        hint = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        return hint + (f", then open {runs_page_url('http://127.0.0.1:5000', experiment_id)}" if experiment_id else "")
+    return f"open {runs_page_url(uri, experiment_id) if experiment_id else uri} in a browser"

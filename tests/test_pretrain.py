@@ -46,6 +46,26 @@ def test_pretrain_is_tracked_in_mlflow_and_resumes_by_name(workdir, synth_corpus
     state = torch.load(Path(r.checkpoint_path) / "state.pt", weights_only=True)
     assert state["state"]["step"] == r.metrics["step"]
 
+    # The MLflow side users browse: corpora as dataset inputs, system metrics, a registered encoder
+    # that evaluation loads by alias, and an experiment that opens on its runs.
+    inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]) for d in run.inputs.dataset_inputs}
+    assert ("synthetic", "pretraining") in inputs and ("synthetic", "probe") in inputs, inputs
+    assert client.get_metric_history(r.run_id, "system/cpu_utilization_percentage")
+    assert r.registered_model == "models:/avssl-encoder-av/1"
+    version = client.get_model_version_by_alias("avssl-encoder-av", "newest")
+    assert version.version == "1" and client.get_model_version_by_alias("avssl-encoder-av", "av-tiny").version == "1"
+    from avssl.evaluate.sources import resolve_source
+    from avssl.tracking import Tracker
+
+    tracker = Tracker(r.tracking_uri, cfg.tracking.experiment)
+    source = resolve_source("models:/avssl-encoder-av@newest", cfg, tracker)
+    assert source.encoder_run_id == r.run_id and source.name == "av-tiny"
+    for a, b in zip(source.module.encoder.state_dict().values(), enc.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(Exception, match="registered models: avssl-encoder-av"):
+        resolve_source("models:/avssl-encoder-visual@newest", cfg, tracker)
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
     # Same name again: the same MLflow run, and training continues where it stopped.
     steps_before = r.metrics["step"]
     again = pretrain(tiny_cfg(workdir, synth_corpus, "objective.name=av", "run_name=av-tiny", "train.epochs=4"))

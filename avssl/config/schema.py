@@ -249,6 +249,10 @@ class TrackingConfig(Section):
     experiment: str = "avssl"
     artifact_root: Optional[str] = Field(None, description="artifact folder for new experiments; null = ./mlruns")
     connect_timeout_s: float = Field(10.0, gt=0.0)
+    register_models: bool = Field(True, description="register each pretrained encoder in the MLflow Model Registry")
+    model_name: str = Field("avssl-encoder-{objective}", description="registered model name; {objective} is filled in")
+    system_metrics: bool = Field(True, description="log CPU, memory (and GPU) utilisation of pretraining runs")
+    system_metrics_interval_s: float = Field(10.0, gt=0.0)
 
 
 class EvaluateConfig(Section):

@@ -251,6 +251,19 @@ class Corpus:
     def name(self) -> str:
         return str(self.meta.get("name", self.root.name))
 
+    def digest(self) -> str:
+        """A short content digest of the manifest: the same clips, labels and splits give the same one."""
+        import hashlib
+
+        return hashlib.sha256((self.root / MANIFEST).read_bytes()).hexdigest()[:12]
+
+    def profile(self) -> dict[str, Any]:
+        """Clip and speaker counts per split (what MLflow shows as the dataset's profile)."""
+        splits: dict[str, int] = {}
+        for r in self.rows:
+            splits[r["split"]] = splits.get(r["split"], 0) + 1
+        return {"clips": len(self.rows), "speakers": len({r["speaker"] for r in self.rows}), "splits": splits, "has_video": self.has_video}
+
     @property
     def has_video(self) -> bool:
         return bool(self.meta.get("has_video", False))

@@ -174,7 +174,16 @@ def _start_job_run(job: EvalJob, cfg: Config, tracker: Tracker, data_cache: Task
                    "test_clips": len(data.test), "corpus": data.corpus_path, **source.architecture()})
     # Parent: the study when there is one, else the encoder's pretraining run.
     parent = job.parent_run_id or source.encoder_run_id
-    return tracker.start_run(job.run_name or f"eval-{source.name}-{job.task}", tags, params, parent_id=parent), fraction
+    run_id = tracker.start_run(job.run_name or f"eval-{source.name}-{job.task}", tags, params, parent_id=parent)
+    _log_corpus(tracker, run_id, data.corpus_path, "evaluation")
+    return run_id, fraction
+
+
+def _log_corpus(tracker: Tracker, run_id: str, path: str, context: str) -> None:
+    try:
+        tracker.log_corpus(run_id, Corpus(path), context)
+    except Exception as e:  # the dataset record is for browsing; the evaluation does not depend on it
+        print(f"note: could not record corpus {path} as an MLflow dataset ({type(e).__name__}: {e})", flush=True)
 
 
 PREDICTIONS_FILE = "predictions.npz"
@@ -307,7 +316,7 @@ def evaluate_command(cfg: Config) -> int:
     print(f"evaluate {source.name} ({source.description}) on " + ", ".join(f"{t} [{cache.get(t).corpus_name}]" for t in cfg.evaluate.tasks)
           + f"; seeds {cfg.evaluate.seeds}; head {cfg.evaluate.head}, layer {source.layer}")
     rows = run_jobs([EvalJob(source, task) for task in cfg.evaluate.tasks], cfg, tracker, cache, on_done=lambda s: print(format_row(s), flush=True))
-    print(f"\nMLflow runs: {', '.join(r.run_id for r in rows)}\n  results: {mlflow_ui_hint(tracker.uri)}")
+    print(f"\nMLflow runs: {', '.join(r.run_id for r in rows)}\n  results: {mlflow_ui_hint(tracker.uri, tracker.experiment_id)}")
     return 0
 
 

@@ -104,6 +104,19 @@ def resolve_source(spec: str, cfg: Config, tracker=None, seed: int = 0, like: Op
                              encoder_config=enc.config, layer=layer)
     if tracker is None:
         raise AvsslError(f"encoder '{spec}': not a baseline ({', '.join(BASELINES)}) nor an existing file")
+    if spec.startswith("models:/"):
+        # A registered encoder: its weights-only encoder file (never the pickled model), linked
+        # to the run that trained it so evaluations still nest under that run.
+        local, version = tracker.registered_encoder(spec)
+        enc, extra = load_encoder(local)
+        run_id = version.run_id or None
+        name = str(extra.get("run_name") or f"{version.name}-v{version.version}")
+        return FeatureSource(
+            name, "pretrained", Featurizer(enc, layer), cfg.evaluate.finetune, encoder_run_id=run_id,
+            description=f"registered encoder {spec} (version {version.version}, {extra.get('objective', '?')} objective)",
+            tags={"avssl.objective": str(extra.get("objective", "")), "avssl.registered_model": f"models:/{version.name}/{version.version}"},
+            encoder_config=enc.config, layer=layer,
+        )
     run = None
     if RUN_ID.match(spec):
         run = tracker.get_run(spec)

@@ -227,5 +227,5 @@ def study_command(cfg: Config, study: str) -> int:
     else:
         out = datasize_study(cfg, tracker)
         print("\n" + format_datasize_table(out["table"], out["fractions"], out["metric"]))
-    print(f"study run: {out['run_id']}\n  results: {mlflow_ui_hint(tracker.uri)}")
+    print(f"study run: {out['run_id']}\n  results: {mlflow_ui_hint(tracker.uri, tracker.experiment_id)}")
     return 0

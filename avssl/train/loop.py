@@ -327,7 +327,11 @@ class TuneTrialSession:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point: the loop on one of the trainer's workers."""
-    run_loop(config, RayTrainSession())
+    from avssl.tracking import system_metrics
+
+    session = RayTrainSession()
+    with system_metrics(config, session.rank):
+        run_loop(config, session)
 
 
 def run_loop(config: dict[str, Any], session: Any) -> None:

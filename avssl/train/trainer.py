@@ -31,6 +31,7 @@ class PretrainResult:
     tracking_uri: str
     seconds: float
     tracking: Optional[dict[str, Any]] = None
+    registered_model: Optional[str] = None
 
 
 def run_tags(cfg: Config, corpus: Corpus) -> dict[str, str]:
@@ -129,7 +130,38 @@ def prepare_run(cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Op
     key = {"avssl.kind": "pretrain", "avssl.run_name": str(cfg.run_name)}
     run_id, reopened = tracker.find_or_start_run(str(cfg.run_name), key, params=flatten(cfg.model_dump(mode="json")), parent_id=parent_run_id)
     tracker.set_tags(run_id, {**run_tags(cfg, corpus), **(extra_tags or {})})
+    if not reopened:
+        log_corpora(tracker, run_id, cfg, corpus)
     return cfg, corpus, tracker, run_id, reopened
+
+
+def log_corpora(tracker: Tracker, run_id: str, cfg: Config, corpus: Corpus) -> None:
+    """The pretraining pool and the probe's labelled corpus, as the run's MLflow dataset inputs."""
+    from avssl.config.schema import probe_corpus
+
+    tracker.log_corpus(run_id, corpus, "pretraining")
+    if cfg.train.probe.enabled:
+        tracker.log_corpus(run_id, Corpus(probe_corpus(cfg)), "probe")
+
+
+def register(tracker: Tracker, cfg: Config, run_id: str, run_dir: Path, aliases: list[str]) -> Optional[str]:
+    """The encoder as a registered model (`tracking.model_name`), aliases moved to it. A registry
+    that refuses leaves the encoder a plain run artifact, with a warning: training is not lost."""
+    if not cfg.tracking.register_models:
+        return None
+    name = cfg.tracking.model_name.format(objective=cfg.objective.name)
+    try:
+        local = run_dir / ENCODER_FILE
+        if not local.is_file():  # storage not shared with this machine: the run's artifact
+            local = tracker.download(run_id, f"encoder/{ENCODER_FILE}")
+        version = tracker.register_encoder(run_id, local, name, aliases)
+    except Exception as e:
+        print(f"WARNING: encoder of run {run_id} not registered in the MLflow Model Registry ({type(e).__name__}: {e}); "
+              f"it stays loadable by run id", flush=True)
+        return None
+    uri = f"models:/{name}/{version}"
+    tracker.set_tags(run_id, {"avssl.registered_model": uri})
+    return uri
 
 
 def pretrain(cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None) -> PretrainResult:
@@ -158,6 +190,7 @@ def pretrain(cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Optio
         cause = getattr(e, "__cause__", None) or e
         raise AvsslError(f"pretraining '{cfg.run_name}' failed: {type(cause).__name__}: {cause}\n"
                          f"checkpoints written so far are kept in {run_dir}; rerun the same command to resume") from None
+    registered = register(tracker, cfg, run_id, run_dir, ["newest", str(cfg.run_name)])
     tracking = _finish_tracking(tracker, run_id, run_dir, cfg.tracking.connect_timeout_s)
     return PretrainResult(
         run_id=run_id,
@@ -168,6 +201,7 @@ def pretrain(cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Optio
         tracking_uri=tracker.uri,
         seconds=time.perf_counter() - t0,
         tracking=tracking,
+        registered_model=registered,
     )
 
 
@@ -206,7 +240,7 @@ def pretrain_command(cfg: Config) -> int:
     print(f"\npretrain '{r.run_name}' finished in {r.seconds:.0f} s: step {m.get('step')}, train loss {m.get('loss', float('nan')):.4f}, "
           f"val loss {m.get('val/loss', float('nan')):.4f}")
     print(f"  MLflow run id: {r.run_id}  (evaluate it with: avssl evaluate evaluate.encoder={r.run_id})")
-    print(f"  encoder: {r.encoder_path}")
+    print(f"  encoder: {r.encoder_path}" + (f"  (registered: {r.registered_model})" if r.registered_model else ""))
     print(f"  checkpoint: {r.checkpoint_path}")
     print(f"  results: {mlflow_ui_hint(r.tracking_uri)}")
     return 0

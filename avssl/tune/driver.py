@@ -68,12 +68,27 @@ def _downstream(cfg: Config, trial: TrialSettings, encoder_path: Optional[str], 
     return {f"downstream/val_{k}": v for k, v in result.val.items()} | {"downstream/best_epoch": result.best_epoch}
 
 
+def _log_trial_corpora(tracker: Tracker, run_id: str, cfg: Config, trial: TrialSettings) -> None:
+    from avssl.config.schema import task_corpus
+    from avssl.data.corpus import Corpus
+    from avssl.train.trainer import log_corpora
+
+    try:
+        if trial.encoder == "pretrained":
+            log_corpora(tracker, run_id, cfg, Corpus(cfg.data.corpus))
+        if trial.downstream:
+            tracker.log_corpus(run_id, Corpus(task_corpus(cfg, trial.task)), "evaluation")
+    except Exception as e:  # a record for browsing; the trial does not depend on it
+        print(f"note: trial corpora not recorded as MLflow datasets ({type(e).__name__}: {e})", flush=True)
+
+
 def trial_fn(config: dict[str, Any], static: dict[str, Any]) -> None:
     """One trial: pretrain (reporting each epoch to Tune) and/or train a downstream head.
     `config` holds the sampled values; `static` the search's fixed settings."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from avssl.tracking import system_metrics
     from avssl.train.loop import ENCODER_FILE, TuneTrialSession, run_loop
     from avssl.train.trainer import build_trainer
 
@@ -91,7 +106,9 @@ def trial_fn(config: dict[str, Any], static: dict[str, Any]) -> None:
         tune.report({metric: recorded.get(f"best/{metric}"), "epoch": recorded.get("epoch", cfg.train.epochs), "reused_result": 1})
         return
     params = {**flat_params(config), "trial.encoder": trial.encoder, "trial.task": trial.task, "evaluate.label_fraction": cfg.evaluate.label_fraction}
-    run_id, _ = tracker.find_or_start_run(f"{static['search_name']}-{trial_id}", key, params=params, parent_id=static["parent_run_id"])
+    run_id, reopened = tracker.find_or_start_run(f"{static['search_name']}-{trial_id}", key, params=params, parent_id=static["parent_run_id"])
+    if not reopened:
+        _log_trial_corpora(tracker, run_id, cfg, trial)
     tracker.set_tags(run_id, {"avssl.search_name": static["search_name"], "avssl.encoder": trial.encoder, DONE_TAG: "running",
                               "avssl.trial_mode": "in-process" if static["in_process"] else "nested TorchTrainer"})
     encoder_path = None
@@ -104,7 +121,8 @@ def trial_fn(config: dict[str, Any], static: dict[str, Any]) -> None:
             # The same loop as a Ray Train worker's, in this process: checkpoints and resume go
             # through the trial's own storage (tune.report / tune.get_checkpoint).
             session = TuneTrialSession()
-            run_loop(loop_config, session)
+            with system_metrics(loop_config, 0):
+                run_loop(loop_config, session)
             last = session.last
         else:
             last = build_trainer(cfg, loop_config, callbacks=[TuneReportCallback()]).fit().metrics or {}
@@ -369,6 +387,10 @@ def run_search(space: SearchSpace, cfg: Config, name: Optional[str] = None, resu
             best["encoder_path"] = best_runs[0].data.tags.get("avssl.encoder_path")
             tracker.set_tags(parent_id, {"avssl.best_trial_id": best["trial_id"], "avssl.best_run_id": best["run_id"]})
         tracker.log_text(parent_id, "\n".join(f"{k}: {v}" for k, v in best["config"].items()), "best_config.txt")
+        if best.get("encoder_path") and best.get("run_id"):
+            from avssl.train.trainer import register
+
+            best["registered_model"] = register(tracker, cfg, best["run_id"], Path(best["encoder_path"]).parent, [f"best-of-{name}"])
     tracker.log_metrics(parent_id, summary)
     _search_figures(tracker, parent_id, space, rows, space.metric)
     tracker.set_tags(parent_id, {"avssl.search_status": "finished"})
@@ -394,7 +416,8 @@ def print_result(res: SearchResult, space: SearchSpace, uri: str) -> None:
         print(f"best trial {res.best['trial_id']} ({space.metric}={res.best['best']:.4f}): "
               + ", ".join(f"{k}={_label(v)}" for k, v in res.best["config"].items()))
         if res.best.get("encoder_path"):
-            print(f"  best encoder: {res.best['encoder_path']}  (MLflow run {res.best.get('run_id')})")
+            print(f"  best encoder: {res.best['encoder_path']}  (MLflow run {res.best.get('run_id')})"
+                  + (f"; registered as {res.best['registered_model']}, alias best-of-{res.name}" if res.best.get("registered_model") else ""))
     print(f"  MLflow parent run {res.parent_run_id}; {mlflow_ui_hint(uri)}")
 
 
