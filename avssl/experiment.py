@@ -49,9 +49,9 @@ class PretrainSpec(Section):
 
 def _check_methods(methods: list[str]) -> list[str]:
     known = ("pretrained",) + OBJECTIVE_NAMES + BASELINE_NAMES
-    bad = [m for m in methods if m not in known]
+    bad = [m for m in methods if m not in known and not m.startswith("models:/")]
     if bad:
-        raise ValueError(f"unknown method(s) {', '.join(bad)}: use {', '.join(known)}")
+        raise ValueError(f"unknown method(s) {', '.join(bad)}: use {', '.join(known)}, or a registered encoder models:/NAME@ALIAS")
     return methods
 
 
@@ -148,10 +148,11 @@ def _expand(methods: list[str], encoders: list[Encoder]) -> list[str]:
             out += [e.run_id for e in encoders]
         elif m in OBJECTIVE_NAMES:
             out += [e.run_id for e in encoders if e.objective == m]
-        elif m in BASELINE_NAMES:
+        elif m in BASELINE_NAMES or m.startswith("models:/"):  # a baseline, or a registered encoder
             out.append(m)
         else:
-            raise ConfigError(f"recipe method '{m}': use pretrained, an objective ({', '.join(OBJECTIVE_NAMES)}) or a baseline ({', '.join(BASELINE_NAMES)})")
+            raise ConfigError(f"recipe method '{m}': use pretrained, an objective ({', '.join(OBJECTIVE_NAMES)}), a baseline "
+                              f"({', '.join(BASELINE_NAMES)}) or models:/NAME@ALIAS")
     return list(dict.fromkeys(out))
 
 
@@ -160,7 +161,7 @@ class RecipeRun:
 
     def __init__(self, recipe: Recipe, cfg: Config, quiet: bool = False):
         self.recipe, self.cfg = recipe, cfg
-        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)
+        self.tracker = Tracker.from_config(cfg.tracking)
         self.timings: dict[str, float] = {}
         key = {"avssl.kind": "recipe", "avssl.recipe": recipe.name}
         from avssl.config.loader import flatten

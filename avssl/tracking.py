@@ -105,6 +105,11 @@ class Tracker:
             raise TrackingError(f"MLflow at {self.uri} refused to open experiment '{experiment}': {e}") from None
         self._mark_kind()
 
+    @classmethod
+    def from_config(cls, tracking: Any, check: bool = True) -> "Tracker":
+        """The tracker a config's `tracking` section describes (store, experiment, artifacts, timeout)."""
+        return cls(tracking.uri, tracking.experiment, tracking.artifact_root, check=check, timeout=tracking.connect_timeout_s)
+
     def _mark_kind(self) -> None:
         try:
             exp = self.client.get_experiment(self.experiment_id)

@@ -24,7 +24,7 @@ from avssl.evaluate.metrics import confusion_matrix
 from avssl.evaluate.noise import BabblePool, Condition, condition_name, mix
 from avssl.evaluate.sources import FeatureSource
 from avssl.evaluate.tasks.base import Task
-from avssl.models.heads import DownstreamHead, length_mask
+from avssl.models.heads import DownstreamHead, length_mask, masked_mean
 
 CLEAN: Condition = ("clean", None)
 
@@ -244,8 +244,7 @@ class HeadTrainer:
         loss = torch.nn.functional.mse_loss(clip, y)
         if frames is not None:
             ft = self._frame_targets(split, idx, frames.shape[1]).to(self.device)
-            m = length_mask(lengths, frames.shape[1]).unsqueeze(-1).float()
-            loss = loss + ((frames - ft) ** 2 * m).sum() / (m.sum() * ft.shape[-1]).clamp_min(1)
+            loss = loss + masked_mean((frames - ft) ** 2, length_mask(lengths, frames.shape[1]))
         return loss
 
     @torch.no_grad()

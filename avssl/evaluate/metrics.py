@@ -12,16 +12,20 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 def unweighted_average_recall(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """Mean of per-class recalls over the classes present in y_true (balanced accuracy)."""
+    """Mean of per-class recalls over the classes present in y_true (scikit-learn's balanced accuracy)."""
+    from sklearn.metrics import recall_score
+
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    recalls = [float((y_pred[y_true == c] == c).mean()) for c in range(n_classes) if (y_true == c).any()]
-    return float(np.mean(recalls)) if recalls else float("nan")
+    present = [c for c in range(n_classes) if (y_true == c).any()]
+    if not present:
+        return float("nan")
+    return float(recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    cm = np.zeros((n_classes, n_classes), np.int64)
-    np.add.at(cm, (np.asarray(y_true, int), np.asarray(y_pred, int)), 1)
-    return cm
+    from sklearn.metrics import confusion_matrix as sk_confusion
+
+    return sk_confusion(np.asarray(y_true, int), np.asarray(y_pred, int), labels=list(range(n_classes))).astype(np.int64)
 
 
 def ccc(x: np.ndarray, y: np.ndarray) -> float:

@@ -291,7 +291,7 @@ def search_table(tracker: Tracker, out: Path, search_run: Optional[str]) -> str:
 
 def build_report(cfg: Config, tracker: Optional[Tracker] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
     """The report of every finished evaluation in the experiment, or of one recipe's (its parent run)."""
-    tracker = tracker or Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)
+    tracker = tracker or Tracker.from_config(cfg.tracking)
     out = Path(cfg.report.out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for old in (out / "figures").glob("*.png"):

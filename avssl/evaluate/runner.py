@@ -308,7 +308,7 @@ def evaluate_command(cfg: Config) -> int:
 
     if not cfg.evaluate.encoder:
         raise ConfigError("evaluate.encoder is required: an MLflow run id, a pretraining run name, an encoder file, or scratch / mfcc / logmel")
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)
+    tracker = Tracker.from_config(cfg.tracking)
     cache = TaskDataCache(cfg)
     for task in cfg.evaluate.tasks:  # every task's corpus and labels, before any compute
         cache.get(task)

@@ -220,7 +220,7 @@ def format_datasize_table(table: dict[str, dict[float, dict[str, Any]]], fractio
 
 
 def study_command(cfg: Config, study: str) -> int:
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)
+    tracker = Tracker.from_config(cfg.tracking)
     if study == "noise":
         out = noise_study(cfg, tracker)
         print("\n" + format_noise_table(out["table"], out["metric"]))

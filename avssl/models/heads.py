@@ -34,6 +34,18 @@ def length_mask(lengths: torch.Tensor, t: int) -> torch.Tensor:
     return torch.arange(t, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A scalar: the mean of x [B, T, D] over valid frames (mask [B, T]) and features (masked losses)."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum() / (m.sum() * x.shape[-1]).clamp_min(1.0)
+
+
+def masked_time_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] -> [B, D]: the mean over each clip's valid frames (padding left out)."""
+    mask = length_mask(lengths, x.shape[1]).unsqueeze(-1).to(x.dtype)
+    return (x * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 class DownstreamHead(nn.Module):
     """Per-clip output (classes or regression targets) from [B, T, D] frame features; with
     `per_frame`, also one output per frame (continuous affect sequences)."""
@@ -68,8 +80,7 @@ class DownstreamHead(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, per_frame: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         h = self.frame_features(x, lengths)
-        mask = length_mask(lengths, h.shape[1]).unsqueeze(-1).to(h.dtype)
-        pooled = (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        pooled = masked_time_mean(h, lengths)
         clip = self.clip_out(self.drop(pooled))
         frames = self.frame_out(self.drop(h)) if per_frame else None
         return clip, frames

@@ -121,15 +121,8 @@ def recalibrate_batchnorm(module: nn.Module, waves: "list[torch.Tensor]", device
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or not waves:
         return 0
-    was_training = module.training
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the passes below
-    module.train()
-    for wave in waves:
-        module(wave.to(device) if device is not None else wave)
-    for bn, m in zip(bns, momenta):
-        bn.momentum = m
-    module.train(was_training)
+    from torch.optim.swa_utils import update_bn
+
+    # Reset, then a cumulative average over these passes in train mode; momenta and mode restored.
+    update_bn(waves, module, device=device)
     return len(bns)

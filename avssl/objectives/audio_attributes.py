@@ -11,7 +11,8 @@ import torch
 from avssl.config.schema import AudioObjectiveConfig
 from avssl.data.features import VOICED, attribute_targets, frames_of
 from avssl.models.heads import length_mask
-from avssl.objectives.base import Objective, masked_mean
+from avssl.models.heads import masked_mean
+from avssl.objectives.base import Objective
 from avssl.objectives.registry import OBJECTIVES
 
 UNSTANDARDISED = ("voicing",)  # already in 0..1

@@ -22,9 +22,3 @@ class Objective:
 
     def loss(self, outputs: dict[str, Any], batch: dict[str, torch.Tensor], inputs: dict[str, Any], model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x [B, T, D] over valid frames (mask [B, T]) and features."""
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum() / (m.sum() * x.shape[-1]).clamp_min(1.0)

@@ -14,7 +14,7 @@ from avssl.data.loader import iterate_rows
 from avssl.evaluate.metrics import ccc, unweighted_average_recall
 from avssl.evaluate.stats import bootstrap_se
 from avssl.evaluate.tasks import TASKS
-from avssl.models.heads import length_mask
+from avssl.models.heads import masked_time_mean
 
 
 @torch.no_grad()
@@ -25,10 +25,9 @@ def pooled_embeddings(encoder: torch.nn.Module, batches: list[dict[str, torch.Te
     out = []
     for batch in batches:
         emb = encoder(batch["wave"].to(device)).float()
-        mask = length_mask(batch["lengths"].to(device), emb.shape[1]).unsqueeze(-1).float()
-        n = mask.sum(1).clamp_min(1.0)
-        mean = (emb * mask).sum(1) / n
-        std = (((emb - mean[:, None]) ** 2 * mask).sum(1) / n).sqrt()
+        lengths = batch["lengths"].to(device)
+        mean = masked_time_mean(emb, lengths)
+        std = masked_time_mean((emb - mean[:, None]) ** 2, lengths).sqrt()
         out.append(torch.cat([mean, std], 1).cpu().numpy())
     encoder.train(was_training)
     return np.concatenate(out)

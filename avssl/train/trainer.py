@@ -124,7 +124,7 @@ def prepare_run(cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Op
     check_probe(cfg)  # the probe's own labelled corpus: a probe that cannot run is an error, not a silent gap
     if not cfg.run_name:
         cfg = cfg.model_copy(update={"run_name": f"{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"})
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)
+    tracker = Tracker.from_config(cfg.tracking)
     ensure_ray(cfg.train.ray_address)
     check_resources(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu, cfg.train.gpus_per_worker, cfg.train.elastic_min_workers)
     key = {"avssl.kind": "pretrain", "avssl.run_name": str(cfg.run_name)}

@@ -301,7 +301,7 @@ def run_search(space: SearchSpace, cfg: Config, name: Optional[str] = None, resu
     name = name or space.name
     storage = Path(cfg.train.storage_path) / "searches"
     path = storage / name
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, timeout=cfg.tracking.connect_timeout_s)
+    tracker = Tracker.from_config(cfg.tracking)
     from ray.tune import Tuner
 
     restorable = Tuner.can_restore(str(path))
@@ -424,7 +424,7 @@ def print_result(res: SearchResult, space: SearchSpace, uri: str) -> None:
 def tune_command(space_path: str, overrides: list[str], resume: bool = False, name: Optional[str] = None, retry_errored: bool = False) -> int:
     space, cfg = load_space(space_path, overrides)
     res = run_search(space, cfg, name, resume, retry_errored)
-    print_result(res, space, Tracker(cfg.tracking.uri, cfg.tracking.experiment, check=False).uri)
+    print_result(res, space, Tracker.from_config(cfg.tracking, check=False).uri)
     return 0
 
 
@@ -436,7 +436,7 @@ def run_quick_search(cfg: Config) -> Optional[str]:
         overrides.append(f"tracking.uri={cfg.tracking.uri}")
     space, base = load_space(path, overrides)
     res = run_search(space, base)
-    print_result(res, space, Tracker(base.tracking.uri, base.tracking.experiment, check=False).uri)
+    print_result(res, space, Tracker.from_config(base.tracking, check=False).uri)
     return res.parent_run_id
 
 
