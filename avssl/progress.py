@@ -1,4 +1,5 @@
-"""Progress output for long work: one updating line on a terminal, periodic lines in logs."""
+"""Progress output for long work, in one style: a tqdm bar on a terminal; nothing while it runs
+when the output is a log or a pipe, and one summary line at the end either way."""
 
 from __future__ import annotations
 
@@ -8,39 +9,30 @@ from typing import Optional, TextIO
 
 
 class Progress:
-    def __init__(self, label: str, total: int, unit: str = "items", stream: Optional[TextIO] = None, every_s: float = 5.0):
+    def __init__(self, label: str, total: int, unit: str = "items", stream: Optional[TextIO] = None, every_s: float = 0.2):
+        from tqdm import tqdm
+
         self.label, self.total, self.unit = label, max(total, 0), unit
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.every_s = 0.2 if self.tty else every_s
         self.done = 0
         self.start = time.perf_counter()
-        self._last = self.start
+        self.bar = tqdm(total=self.total or None, desc=label, unit=f" {unit}", file=self.stream, disable=not self.tty,
+                        mininterval=every_s, dynamic_ncols=True, leave=False)
 
     def update(self, n: int = 1, note: str = "") -> None:
         self.done += n
-        now = time.perf_counter()
-        if now - self._last >= self.every_s:
-            self._last = now
-            self._print(note)
-
-    def _print(self, note: str = "", final: bool = False) -> None:
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        eta = f", eta {(self.total - self.done) / rate:.0f}s" if rate > 0 and self.done < self.total else ""
-        line = f"{self.label}: {self.done}/{self.total} {self.unit}{pct}, {rate:.1f} {self.unit}/s{eta}"
         if note:
-            line += f" - {note}"
-        if self.tty and not final:
-            self.stream.write("\r" + line.ljust(100))
-        else:
-            self.stream.write(("\r" if self.tty else "") + line + "\n")
-        self.stream.flush()
+            self.bar.set_postfix_str(note, refresh=False)
+        self.bar.update(n)
 
     def close(self, note: str = "") -> float:
-        self._print(note, final=True)
-        return time.perf_counter() - self.start
+        self.bar.close()
+        elapsed = time.perf_counter() - self.start
+        line = f"{self.label}: {self.done}/{self.total} {self.unit} in {elapsed:.1f} s, {self.rate:.1f} {self.unit}/s"
+        self.stream.write(line + (f" - {note}" if note else "") + "\n")
+        self.stream.flush()
+        return elapsed
 
     @property
     def rate(self) -> float:

@@ -120,7 +120,36 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, tu
             logging_level="WARNING",
             _node_ip_address=LOOPBACK,
         )
+    drop_known_noise()
     return ray.cluster_resources()
+
+
+# Lines Ray prints to the driver that no user can act on, matched exactly.
+KNOWN_NOISE = (
+    # Ray Train 2.60's controller, once per run, about its own PreemptionWatcher actor (ray-project/ray#53727).
+    "Actor with class name: 'PreemptionWatcher'",
+)
+
+
+def drop_known_noise() -> None:
+    """Filter `KNOWN_NOISE` out of the worker output Ray forwards to this driver; every other line
+    passes unchanged. Relies on Ray's stream dispatcher: if that ever moves, nothing is filtered."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    for name, handle in list(getattr(dispatcher, "handlers", [])):
+        if name != "ray_print_logs" or getattr(handle, "_avssl_filter", False):
+            continue
+
+        def filtered(data, _handle=handle):
+            lines = [line for line in data.get("lines", []) if not any(n in line for n in KNOWN_NOISE)]
+            if lines:
+                _handle({**data, "lines": lines})
+
+        filtered._avssl_filter = True
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
 
 
 def bind_torch_store_to_master_address() -> None:

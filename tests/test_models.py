@@ -66,3 +66,22 @@ def test_encoder_file_loads_with_weights_only(tmp_path):
     model.audio_encoder.eval()
     enc.eval()
     assert torch.allclose(enc(wave), model.audio_encoder(wave))
+
+
+@pytest.mark.parametrize("warmup, total", [(20, 300), (1, 50), (2, 50), (0, 50), (5, 6)])
+def test_warmup_cosine_schedule_is_linear_then_cosine_to_five_percent(warmup, total):
+    import math
+
+    from avssl.train.loop import warmup_cosine
+
+    def expected(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    schedule = warmup_cosine(opt, warmup, total)
+    for step in range(total):
+        assert opt.param_groups[0]["lr"] / 2e-3 == pytest.approx(expected(step), abs=1e-9), step
+        opt.step()
+        schedule.step()

@@ -186,3 +186,14 @@ def test_a_data_error_in_a_worker_is_not_retried(workdir, synth_corpus, tmp_path
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     run = client.search_runs([x.experiment_id for x in client.search_experiments()], "tags.`avssl.run_name` = 'damaged'")[0]
     assert run.info.status == "FAILED"
+
+
+def test_known_ray_noise_is_dropped_and_other_worker_lines_pass(ray_local, capsys):
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    noise = ("[2026-11-25 19:27:48,816 E 2972 3029] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: "
+             "'cbef' has constructor arguments in the object store and max_restarts > 0.")
+    dispatcher.emit({"lines": [noise, "[avssl] epoch 1/3 step 101: train loss 1.4492"], "is_err": True, "pid": 4242,
+                     "ip": "127.0.0.1", "task_name": "RayTrainWorker", "actor_name": "", "job": "01"})
+    err = capsys.readouterr().err
+    assert "epoch 1/3 step 101" in err and "PreemptionWatcher" not in err, err

@@ -76,7 +76,7 @@ def prepare(
             i.split = split_of[i.speaker]
 
     writer = CorpusWriter(out, name=dataset, shard_size=cfg.shard_size, overwrite=overwrite)
-    progress = Progress(f"prepare {dataset}", len(items), "files", every_s=10.0) if not quiet else None
+    progress = Progress(f"prepare {dataset}", len(items), "files") if not quiet else None
     workers = min(cfg.workers or os.cpu_count() or 1, len(items))
     kept = 0
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from avssl.config.schema import Config
-from avssl.evaluate.claims import Claim, judge, main_setting
+from avssl.evaluate.claims import Claim, judge
 from avssl.evaluate.results import Cell, Record, Results, objective_cells
 from avssl.evaluate.stats import Interval, format_difference, format_interval
 from avssl.evaluate.tasks import TASKS

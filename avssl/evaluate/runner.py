@@ -12,8 +12,8 @@ from avssl.config.loader import flatten
 from avssl.config.schema import Config, EvaluateConfig, task_corpus
 from avssl.data.corpus import Corpus
 from avssl.evaluate.downstream import CLEAN, HeadResult, HeadTrainer, TaskData, feature_key, load_task_data, test_noise_seed
-from avssl.evaluate.noise import Condition, condition_name
-from avssl.evaluate.sources import FeatureSource, encoder_signature, resolve_source, resolve_sources
+from avssl.evaluate.noise import Condition
+from avssl.evaluate.sources import FeatureSource, encoder_signature, resolve_source
 from avssl.evaluate.tasks import TASKS, Task
 from avssl.tracking import Tracker, mlflow_ui_hint
 

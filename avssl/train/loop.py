@@ -54,11 +54,17 @@ def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
     return torch.float16
 
 
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int, floor: float = 0.05):
+    """Linear warm-up over `warmup` steps (from lr/warmup to lr), then cosine decay to `floor` x lr
+    at step `total`: torch's own schedulers, chained."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    base = optimizer.param_groups[0]["lr"]
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=floor * base)
+    if warmup <= 0:
+        return cosine
+    ramp = LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1))
+    return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -103,6 +109,23 @@ def _save_state(path: Path, model, optimizer, scheduler, scaler, state: TrainSta
 
 def load_state(path: Path) -> dict[str, Any]:
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _restore(parts: "TrainParts", checkpoint: Any) -> TrainState:
+    """Model, optimiser, scheduler, scaler, RNG states and counters from a reported checkpoint."""
+    with checkpoint.as_directory() as d:
+        payload = load_state(Path(d))
+    parts.model.load_state_dict(payload["model"])
+    parts.optimizer.load_state_dict(payload["optimizer"])
+    parts.scheduler.load_state_dict(payload["scheduler"])
+    if parts.scaler is not None and payload["scaler"]:
+        parts.scaler.load_state_dict(payload["scaler"])
+    state = TrainState(**payload["state"])
+    state.restarts += 1
+    state.resumed_from_step = state.step
+    torch.set_rng_state(payload["rng"]["torch"])
+    parts.generator.set_state(payload["rng"]["generator"])
+    return state
 
 
 @torch.no_grad()
@@ -212,7 +235,7 @@ def build_parts(cfg: Config, rank: int, world: int, device: torch.device) -> Tra
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.train.warmup_steps, total_steps))
+    scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, total_steps)
     dtype = amp_dtype(cfg.train.mixed_precision, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
@@ -355,18 +378,7 @@ def run_loop(config: dict[str, Any], session: Any) -> None:
 
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            payload = load_state(Path(d))
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        if scaler is not None and payload["scaler"]:
-            scaler.load_state_dict(payload["scaler"])
-        state = TrainState(**payload["state"])
-        state.restarts += 1
-        state.resumed_from_step = state.step
-        torch.set_rng_state(payload["rng"]["torch"])
-        generator.set_state(payload["rng"]["generator"])
+        state = _restore(parts, checkpoint)
         if rank == 0:
             print(f"[avssl] resumed from checkpoint at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})", flush=True)
 
@@ -380,21 +392,7 @@ def run_loop(config: dict[str, Any], session: Any) -> None:
         if state.resumed_from_step >= 0:
             logger.metrics({"resumed_from_step": state.resumed_from_step}, state.step)
 
-    val_batches: list[dict[str, torch.Tensor]] = []
-    figure_batch = None
-    probe = None
-    if rank == 0:
-        val_rows = corpus.select("val", max_clips=64, seed=cfg.seed)
-        val_batches = [b for _, b in iterate_rows(corpus, val_rows, cfg.data.batch_size, with_video=objective.visual)]
-        if objective.visual and val_batches:
-            figure_batch = val_batches[0]
-        if cfg.train.probe.enabled:
-            from avssl.train.probe import QuickProbe
-
-            from avssl.config.schema import probe_corpus
-
-            probe = QuickProbe(Corpus(probe_corpus(cfg)), cfg.train.probe.task, cfg.train.probe.max_clips, cfg.seed,
-                               val_max_clips=cfg.train.probe.val_max_clips, folds=cfg.train.probe.folds)
+    evaluator = EpochEvaluator(cfg, corpus, objective) if rank == 0 else None
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
         if not with_checkpoint or rank != 0:
@@ -448,48 +446,77 @@ def run_loop(config: dict[str, Any], session: Any) -> None:
 
         state.epoch, state.batch = epoch + 1, 0
         metrics: dict[str, float] = {"step": state.step, "epoch": epoch + 1, "loss": float(loss.detach()) if state.step else float("nan")}
-        if rank == 0:
-            metrics.update(_validation(raw, objective, val_batches, device, cfg.seed))
-            if probe is not None:
-                metrics.update(probe(raw.audio_encoder, device))
+        if evaluator is not None:
+            metrics.update(evaluator.metrics(raw, device))
             metrics["throughput/epoch_samples_per_s"] = epoch_samples * world / max(epoch_time, 1e-9)
             if logger is not None:
                 logger.metrics({k: v for k, v in metrics.items() if k not in ("step",)}, state.step)
-                every = cfg.train.figure_every_epochs
-                last = epoch + 1 == cfg.train.epochs or done
-                if figure_batch is not None and (last or (every and (epoch + 1) % every == 0)):
-                    logger.figure(generated_frames_figure(raw, figure_batch, device, title=f"epoch {epoch + 1}, step {state.step}"), f"frames/epoch_{epoch + 1:03d}.png")
-            parts_msg = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in metrics.items() if k.startswith("val/loss/") and k.count("/") == 2)
-            probe_msg = "".join(f" | {k.split('/')[-1]} {v:.3f}" for k, v in metrics.items() if k in ("probe/val_uar", "probe/val_ccc"))
-            print(
-                f"[avssl] epoch {epoch + 1}/{cfg.train.epochs} step {state.step}: train loss {metrics['loss']:.4f}"
-                f" | val loss {metrics.get('val/loss', float('nan')):.4f}" + (f" ({parts_msg})" if parts_msg else "")
-                + probe_msg + f" | {metrics['throughput/epoch_samples_per_s']:.1f} samples/s",
-                flush=True,
-            )
+                evaluator.log_figure(logger, raw, device, epoch, state.step, last=epoch + 1 == cfg.train.epochs or done)
+            evaluator.print_epoch(metrics, epoch, state.step)
         report(metrics, with_checkpoint=True)
 
     if rank == 0:
-        calib = [b["wave"] for _, b in iterate_rows(corpus, rows_for_pretraining(corpus, 1.0, cfg.seed, max_clips=256), 32)]
-        recalibrate_batchnorm(raw.audio_encoder, calib, device)
-        out = Path(tempfile.mkdtemp(prefix="avssl-encoder-")) / ENCODER_FILE
-        save_encoder(raw.audio_encoder, cfg.model.audio_encoder, out, extra={"step": state.step, "objective": cfg.objective.name, "run_name": cfg.run_name})
-        if config.get("encoder_dir"):
-            Path(config["encoder_dir"]).mkdir(parents=True, exist_ok=True)
-            import shutil
+        _export(cfg, config, raw, corpus, device, state, logger)
 
-            shutil.copy2(out, Path(config["encoder_dir"]) / ENCODER_FILE)
-        if logger is not None:
-            logger.metrics(
-                {
-                    "final/steps": state.step,
-                    "final/samples_per_s": state.samples / max(state.train_seconds, 1e-9),
-                    "final/restarts": state.restarts,
-                },
-                state.step,
-            )
-            logger.artifact(out, "encoder")
-            result = logger.close(timeout_s=max(30.0, 3 * cfg.tracking.connect_timeout_s))
-            _write_tracking_status(Path(cfg.train.storage_path) / str(cfg.run_name), result)
-            if result["lost"] or result["kept_locally"]:
-                print(f"[avssl] MLflow: {result['lost']} metric values could not be sent; artifacts kept locally: {result['kept_locally']}", flush=True)
+
+class EpochEvaluator:
+    """What rank 0 measures at each epoch end: pretext losses on fixed validation clips, the quick
+    probe, and the generated-frames figure."""
+
+    def __init__(self, cfg: Config, corpus: Corpus, objective: Any) -> None:
+        self.cfg, self.objective = cfg, objective
+        rows = corpus.select("val", max_clips=64, seed=cfg.seed)
+        self.val_batches = [b for _, b in iterate_rows(corpus, rows, cfg.data.batch_size, with_video=objective.visual)]
+        self.figure_batch = self.val_batches[0] if objective.visual and self.val_batches else None
+        self.probe = None
+        if cfg.train.probe.enabled:
+            from avssl.config.schema import probe_corpus
+            from avssl.train.probe import QuickProbe
+
+            p = cfg.train.probe
+            self.probe = QuickProbe(Corpus(probe_corpus(cfg)), p.task, p.max_clips, cfg.seed, val_max_clips=p.val_max_clips, folds=p.folds)
+
+    def metrics(self, raw: AVSSLModel, device: torch.device) -> dict[str, float]:
+        out = _validation(raw, self.objective, self.val_batches, device, self.cfg.seed)
+        if self.probe is not None:
+            out.update(self.probe(raw.audio_encoder, device))
+        return out
+
+    def log_figure(self, logger: Any, raw: AVSSLModel, device: torch.device, epoch: int, step: int, last: bool) -> None:
+        every = self.cfg.train.figure_every_epochs
+        if self.figure_batch is not None and (last or (every and (epoch + 1) % every == 0)):
+            figure = generated_frames_figure(raw, self.figure_batch, device, title=f"epoch {epoch + 1}, step {step}")
+            logger.figure(figure, f"frames/epoch_{epoch + 1:03d}.png")
+
+    def print_epoch(self, metrics: dict[str, float], epoch: int, step: int) -> None:
+        parts_msg = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in metrics.items() if k.startswith("val/loss/") and k.count("/") == 2)
+        probe_msg = "".join(f" | {k.split('/')[-1]} {v:.3f}" for k, v in metrics.items() if k in ("probe/val_uar", "probe/val_ccc"))
+        print(
+            f"[avssl] epoch {epoch + 1}/{self.cfg.train.epochs} step {step}: train loss {metrics['loss']:.4f}"
+            f" | val loss {metrics.get('val/loss', float('nan')):.4f}" + (f" ({parts_msg})" if parts_msg else "")
+            + probe_msg + f" | {metrics['throughput/epoch_samples_per_s']:.1f} samples/s",
+            flush=True,
+        )
+
+
+def _export(cfg: Config, config: dict[str, Any], raw: AVSSLModel, corpus: Corpus, device: torch.device, state: TrainState, logger: Any) -> None:
+    """The trained encoder, with BatchNorm statistics of its final weights: written to a file (and
+    to `encoder_dir`), logged as the run's artifact with the final metrics; the logger closed."""
+    import shutil
+
+    calib = [b["wave"] for _, b in iterate_rows(corpus, rows_for_pretraining(corpus, 1.0, cfg.seed, max_clips=256), 32)]
+    recalibrate_batchnorm(raw.audio_encoder, calib, device)
+    out = Path(tempfile.mkdtemp(prefix="avssl-encoder-")) / ENCODER_FILE
+    save_encoder(raw.audio_encoder, cfg.model.audio_encoder, out, extra={"step": state.step, "objective": cfg.objective.name, "run_name": cfg.run_name})
+    if config.get("encoder_dir"):
+        Path(config["encoder_dir"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out, Path(config["encoder_dir"]) / ENCODER_FILE)
+    if logger is None:
+        return
+    logger.metrics({"final/steps": state.step, "final/samples_per_s": state.samples / max(state.train_seconds, 1e-9),
+                    "final/restarts": state.restarts}, state.step)
+    logger.artifact(out, "encoder")
+    result = logger.close(timeout_s=max(30.0, 3 * cfg.tracking.connect_timeout_s))
+    _write_tracking_status(Path(cfg.train.storage_path) / str(cfg.run_name), result)
+    if result["lost"] or result["kept_locally"]:
+        print(f"[avssl] MLflow: {result['lost']} metric values could not be sent; artifacts kept locally: {result['kept_locally']}", flush=True)

@@ -346,7 +346,7 @@ def generate(cfg: SynthConfig, seed: int, overwrite: bool = False, quiet: bool =
     chunks = [jobs[i : i + cfg.shard_size] for i in range(0, len(jobs), cfg.shard_size)]
     tasks = [(cfg, seed, chunk, str(writer.partial), writer.next_shard_name()) for chunk in chunks]
     workers = cfg.workers or os.cpu_count() or 1
-    progress = Progress("synth", len(jobs), "clips", every_s=10.0) if not quiet else None
+    progress = Progress("synth", len(jobs), "clips") if not quiet else None
     t0 = time.perf_counter()
     if workers == 1:
         results = map(_generate_shard, tasks)
