@@ -291,8 +291,11 @@ class HeadTrainer:
             groups.append({"params": list(encoder.parameters()), "lr": enc_lr})
         return torch.optim.AdamW(groups, weight_decay=1e-3)
 
-    def fit(self, seed: int, train: Optional[SplitData] = None, test_conditions: tuple[Condition, ...] = (CLEAN,), train_conditions: tuple[Condition, ...] = ()) -> HeadResult:
-        """Train one head; with `train_conditions`, each epoch's audio gets the next noise condition."""
+    def fit(self, seed: int, train: Optional[SplitData] = None, test_conditions: tuple[Condition, ...] = (CLEAN,), train_conditions: tuple[Condition, ...] = (),
+            val_se: bool = False) -> HeadResult:
+        """Train one head; with `train_conditions`, each epoch's audio gets the next noise condition;
+        with `val_se`, also the bootstrap standard error of its validation score (what a search
+        reports next to the score it selects on)."""
         t0 = time.perf_counter()
         train = train or self.data.train
         torch.manual_seed(seed)
@@ -354,7 +357,7 @@ class HeadTrainer:
         if encoder is not None:
             encoder.load_state_dict(state["encoder"])
         val_metrics, val_pred = self.score(encoder, head, "val", self.data.val, CLEAN, 0, norm)
-        if self.task.kind == "classification":  # the selection score's resolution (searches report it)
+        if val_se and self.task.kind == "classification":  # the selection score's resolution
             from avssl.evaluate.stats import bootstrap_se
 
             y_val, p_val = np.asarray(self.data.val.targets), val_pred

@@ -123,7 +123,7 @@ def extract_features(source: FeatureSource, data: TaskData, ev: EvaluateConfig, 
 
 
 def fit_seeds(source: FeatureSource, data: TaskData, ev: EvaluateConfig, fraction: float, test_conditions: tuple[Condition, ...], train_conditions: tuple[Condition, ...],
-              seeds: Optional[list[int]] = None, features: Optional[dict] = None) -> list[HeadResult]:
+              seeds: Optional[list[int]] = None, features: Optional[dict] = None, val_se: bool = False) -> list[HeadResult]:
     """The work of one job (or of one of its seeds); runs in a Ray task or in-process. `features`:
     a frozen source's precomputed features (from `extract_features`), shared by all seeds."""
     import torch
@@ -141,7 +141,7 @@ def fit_seeds(source: FeatureSource, data: TaskData, ev: EvaluateConfig, fractio
             full = data.cache[feature_key(source, data.train, CLEAN, 0)]
             pos = {cid: i for i, cid in enumerate(data.train.clip_ids)}
             data.cache[feature_key(source, train, CLEAN, 0)] = [full[pos[c]] for c in train.clip_ids]
-        out.append(trainer.fit(seed, train, test_conditions, train_conditions))
+        out.append(trainer.fit(seed, train, test_conditions, train_conditions, val_se=val_se))
     return out
 
 

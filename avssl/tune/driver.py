@@ -61,9 +61,9 @@ def _downstream(cfg: Config, trial: TrialSettings, encoder_path: Optional[str], 
     data = TaskDataCache(cfg).get(trial.task)
     args = (source, data, cfg.evaluate, cfg.evaluate.label_fraction, (("clean", None),), (), [cfg.seed])
     if in_process:
-        result = fit_seeds(*args)[0]
+        result = fit_seeds(*args, val_se=True)[0]
     else:
-        result = ray.get(ray.remote(num_cpus=trial.cpus_per_worker)(fit_seeds).remote(*args))[0]
+        result = ray.get(ray.remote(num_cpus=trial.cpus_per_worker)(fit_seeds).remote(*args, val_se=True))[0]
     # Selection metrics only: a search never sees (or logs) test-set scores.
     return {f"downstream/val_{k}": v for k, v in result.val.items()} | {"downstream/best_epoch": result.best_epoch}
 
