@@ -135,11 +135,14 @@ def _cond_sort(c: str) -> tuple:
     return (1, kind, -float(snr.rstrip("dB")))
 
 
+def _study(res: Results, tracker: Tracker, kind: str, parent) -> tuple[Any, list]:
+    """The latest study of this kind (under the recipe's parent run, if any) and its evaluations."""
+    study = _latest_study(tracker, kind, parent)
+    return study, (_study_records(res, study.info.run_id) if study is not None else [])
+
+
 def noise_section(res: Results, tracker: Tracker, out: Path, parent) -> str:
-    study = _latest_study(tracker, "noise", parent)
-    if study is None:
-        return ""
-    recs = _study_records(res, study.info.run_id)
+    study, recs = _study(res, tracker, "noise", parent)
     if not recs:
         return ""
     task, corpus, metric = recs[0].task, recs[0].corpus, recs[0].primary
@@ -179,10 +182,7 @@ def noise_section(res: Results, tracker: Tracker, out: Path, parent) -> str:
 
 
 def datasize_section(res: Results, tracker: Tracker, out: Path, parent) -> str:
-    study = _latest_study(tracker, "datasize", parent)
-    if study is None:
-        return ""
-    recs = _study_records(res, study.info.run_id)
+    study, recs = _study(res, tracker, "datasize", parent)
     if not recs:
         return ""
     task, corpus, metric = recs[0].task, recs[0].corpus, recs[0].primary
