@@ -239,7 +239,17 @@ class Tracker:
         root = str(corpus.root)
         dataset = Dataset(name=corpus.name, digest=corpus.digest(), source_type="s3" if root.startswith("s3://") else "local",
                           source=json.dumps({"uri": root}), profile=json.dumps(corpus.profile()))
-        self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+        # Runs started side by side record the same corpus at the same moment; the store's unique
+        # constraint then refuses one of them, and a retry links the record the other one wrote.
+        for attempt in range(4):
+            try:
+                self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+                return
+            except Exception as e:  # a browsing aid: never worth failing a run over
+                if attempt == 3:
+                    log.warning("corpus %s not recorded as a dataset of run %s: %s", corpus.name, run_id, str(e).splitlines()[0])
+                    return
+                time.sleep(0.2 * (attempt + 1))
 
     def register_encoder(self, run_id: str, encoder_file: Path, name: str, aliases: Iterable[str] = ()) -> str:
         """Log the encoder as an MLflow PyTorch model of the run (signature and input example: one
