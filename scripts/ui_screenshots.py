@@ -46,7 +46,7 @@ def main() -> int:
         runs = runs_page_url(url, exp.experiment_id)
         shots = [
             screenshot(runs, out / "mlflow_runs.png", profile, size=(1600, 900)),
-            screenshot(runs + "&compareRunsMode=CHART", out / "mlflow_charts.png", profile, size=(1600, 1000)),
+            screenshot(runs.replace("?", "/runs?") + "&compareRunsMode=CHART", out / "mlflow_charts.png", profile, size=(1600, 1000)),
         ]
     for s in shots:
         print(f"wrote {s}")
