@@ -329,6 +329,8 @@ def system_metrics(loop_config: dict[str, Any], rank: int):
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per run
+
             monitor = SystemMetricsMonitor(loop_config["run_id"], sampling_interval=tracking.get("system_metrics_interval_s", 10.0),
                                            tracking_uri=loop_config["tracking_uri"])
             monitor.start()

@@ -250,7 +250,7 @@ class MlflowServer:
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=(self.root / "server.log").open("ab"), start_new_session=True,
         )
-        deadline = time.time() + 90
+        deadline = time.time() + 300  # MLflow 3's server takes over a minute to start on a busy 2-core machine
         while time.time() < deadline:
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
