@@ -161,6 +161,9 @@ def test_optuna_search_survives_a_killed_driver_and_asha_stops_trials(tmp_path, 
         assert by_id[tid].info.end_time == end, f"trial {tid} finished before the kill but was run again"
     assert parents[0].data.tags.get("avssl.best_trial_id") in by_id
     assert {c.data.tags.get("avssl.trial_mode") for c in children} == {"in-process"}
+    # A trial that trained to the last epoch exported its encoder before ASHA could end it.
+    full = [c for c in children if c.data.tags.get("avssl.trial_status") == "finished"]
+    assert full and all(Path(c.data.tags["avssl.encoder_path"]).is_file() for c in full)
     sampled = [float(c.data.params["space.objective.w_audio"]) for c in children]
     assert len(set(sampled)) == 6 and all(0.5 <= w <= 4.0 for w in sampled), sampled
 

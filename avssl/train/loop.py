@@ -403,6 +403,7 @@ def run_loop(config: dict[str, Any], session: Any) -> None:
             session.report(metrics, Path(tmp), f"checkpoint_step{state.step:07d}")
 
     running = Running()
+    exported = False
     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
     done = state.step >= total_steps
     for epoch in range(state.epoch, cfg.train.epochs):
@@ -453,9 +454,13 @@ def run_loop(config: dict[str, Any], session: Any) -> None:
                 logger.metrics({k: v for k, v in metrics.items() if k not in ("step",)}, state.step)
                 evaluator.log_figure(logger, raw, device, epoch, state.step, last=epoch + 1 == cfg.train.epochs or done)
             evaluator.print_epoch(metrics, epoch, state.step)
+        if rank == 0 and (epoch + 1 == cfg.train.epochs or done):
+            # Before the last report: a search's scheduler may end the trial as soon as it reports its last epoch.
+            _export(cfg, config, raw, corpus, device, state, logger)
+            exported = True
         report(metrics, with_checkpoint=True)
 
-    if rank == 0:
+    if rank == 0 and not exported:  # nothing left to train (resumed after the last step)
         _export(cfg, config, raw, corpus, device, state, logger)
 
 

@@ -116,6 +116,9 @@ def trial_fn(config: dict[str, Any], static: dict[str, Any]) -> None:
     in_process = static["in_process"]
     if trial.encoder == "pretrained":
         run_dir = Path(cfg.train.storage_path) / trial_id
+        encoder_path = str(run_dir / ENCODER_FILE)
+        # Tagged now: a scheduler may end this trial right after its last report, before this function returns.
+        tracker.set_tags(run_id, {"avssl.encoder_path": encoder_path})
         loop_config = {"cfg": cfg.model_dump(mode="json"), "tracking_uri": tracker.uri, "run_id": run_id, "encoder_dir": str(run_dir)}
         if in_process:
             # The same loop as a Ray Train worker's, in this process: checkpoints and resume go
@@ -127,8 +130,6 @@ def trial_fn(config: dict[str, Any], static: dict[str, Any]) -> None:
         else:
             last = build_trainer(cfg, loop_config, callbacks=[TuneReportCallback()]).fit().metrics or {}
         final.update({k: v for k, v in last.items() if isinstance(v, (int, float))})
-        encoder_path = str(run_dir / ENCODER_FILE)
-        tracker.set_tags(run_id, {"avssl.encoder_path": encoder_path})
     if trial.downstream:
         scores = _downstream(cfg, trial, encoder_path, in_process)
         scores["epoch"] = cfg.train.epochs + 1 if trial.encoder == "pretrained" else 1
@@ -387,7 +388,7 @@ def run_search(space: SearchSpace, cfg: Config, name: Optional[str] = None, resu
             best["encoder_path"] = best_runs[0].data.tags.get("avssl.encoder_path")
             tracker.set_tags(parent_id, {"avssl.best_trial_id": best["trial_id"], "avssl.best_run_id": best["run_id"]})
         tracker.log_text(parent_id, "\n".join(f"{k}: {v}" for k, v in best["config"].items()), "best_config.txt")
-        if best.get("encoder_path") and best.get("run_id"):
+        if best.get("encoder_path") and best.get("run_id") and Path(best["encoder_path"]).is_file():
             from avssl.train.trainer import register
 
             best["registered_model"] = register(tracker, cfg, best["run_id"], Path(best["encoder_path"]).parent, [f"best-of-{name}"])
