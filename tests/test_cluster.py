@@ -278,11 +278,14 @@ def test_mlflow_server_dropping_mid_run_loses_no_training(workdir, synth_corpus,
     server = MlflowServer(workdir)
     server.start()
     outage: dict = {}
+    import threading
+
+    over = threading.Event()  # the test ended (passed or failed): the server must not be started again
 
     def drop_and_restore():
         client = MlflowClient(server.uri)
         deadline = time.time() + 200
-        while time.time() < deadline:
+        while time.time() < deadline and not over.is_set():
             try:
                 runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`avssl.run_name` = 'drop'")
                 if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
@@ -292,11 +295,10 @@ def test_mlflow_server_dropping_mid_run_loses_no_training(workdir, synth_corpus,
             time.sleep(0.2)
         server.stop()
         outage["down_at"] = time.time()
-        time.sleep(12)
+        if over.wait(12):
+            return
         outage["up_at"] = time.time()
         server.start()
-
-    import threading
 
     t = threading.Thread(target=drop_and_restore, daemon=True)
     t.start()
@@ -316,6 +318,8 @@ def test_mlflow_server_dropping_mid_run_loses_no_training(workdir, synth_corpus,
         assert max(m.step for m in losses) == r.metrics["step"]
         assert r.tracking["lost"] == 0
     finally:
+        over.set()
+        t.join(timeout=320)  # a restart in progress finishes, then is stopped below: no server outlives the test
         server.stop()
 
 
