@@ -103,25 +103,26 @@ class Tracker:
             self.experiment_id = self._experiment(experiment, artifact_root)
         except Exception as e:
             raise TrackingError(f"MLflow at {self.uri} refused to open experiment '{experiment}': {e}") from None
-        self._mark_kind()
 
     @classmethod
     def from_config(cls, tracking: Any, check: bool = True) -> "Tracker":
         """The tracker a config's `tracking` section describes (store, experiment, artifacts, timeout)."""
         return cls(tracking.uri, tracking.experiment, tracking.artifact_root, check=check, timeout=tracking.connect_timeout_s)
 
-    def _mark_kind(self) -> None:
-        try:
-            exp = self.client.get_experiment(self.experiment_id)
-            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        except Exception as e:  # cosmetic: never fail a run over it
-            log.debug("could not tag experiment kind: %s", e)
+    def _mark_kind(self, exp: Any) -> str:
+        """The experiment's id, after tagging it a model-training experiment if it is not yet
+        (experiments made before the tag existed); cosmetic, so never fatal."""
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            try:
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            except Exception as e:
+                log.debug("could not tag experiment kind: %s", e)
+        return exp.experiment_id
 
     def _experiment(self, name: str, artifact_root: Optional[str]) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
-            return exp.experiment_id
+            return self._mark_kind(exp)
         location = None
         if self.uri.startswith("sqlite:///"):
             # Absolute artifact folder next to the store, so workers in another cwd agree.
@@ -130,12 +131,12 @@ class Tracker:
         elif artifact_root:
             location = artifact_root
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:
             exp = self.client.get_experiment_by_name(name)  # created concurrently
             if exp is None:
                 raise
-            return exp.experiment_id
+            return self._mark_kind(exp)
 
     # -- runs -------------------------------------------------------------------------------
     def find_runs(self, tags: dict[str, str], parent_id: Optional[str] = None, statuses: Optional[Iterable[str]] = None) -> list[Any]:
@@ -236,18 +237,19 @@ class Tracker:
 
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        root = str(corpus.root)
-        dataset = Dataset(name=corpus.name, digest=corpus.digest(), source_type="s3" if root.startswith("s3://") else "local",
-                          source=json.dumps({"uri": root}), profile=json.dumps(corpus.profile()))
         # Runs started side by side record the same corpus at the same moment; the store's unique
         # constraint then refuses one of them, and a retry links the record the other one wrote.
+        # A browsing aid: whatever goes wrong here is a warning, never a failed run.
         for attempt in range(4):
             try:
+                root = str(corpus.root)
+                dataset = Dataset(name=corpus.name, digest=corpus.digest(), source_type="s3" if root.startswith("s3://") else "local",
+                                  source=json.dumps({"uri": root}), profile=json.dumps(corpus.profile()))
                 self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
                 return
-            except Exception as e:  # a browsing aid: never worth failing a run over
+            except Exception as e:
                 if attempt == 3:
-                    log.warning("corpus %s not recorded as a dataset of run %s: %s", corpus.name, run_id, str(e).splitlines()[0])
+                    log.warning("corpus %s not recorded as a dataset of run %s: %s", corpus.root, run_id, str(e).splitlines()[0] if str(e) else type(e).__name__)
                     return
                 time.sleep(0.2 * (attempt + 1))
 
@@ -277,13 +279,15 @@ class Tracker:
         flavour_log = logging.getLogger("mlflow.pytorch")
         level = flavour_log.level
         flavour_log.setLevel(logging.ERROR)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                encoder, name="encoder_model", signature=infer_signature(example, out), input_example=example,
-                extra_files=[str(encoder_file)], registered_model_name=name, pip_requirements=[f"torch=={torch.__version__}"], serialization_format="pickle",
-                await_registration_for=60,
-            )
-        flavour_log.setLevel(level)
+        try:
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pytorch.log_model(
+                    encoder, name="encoder_model", signature=infer_signature(example, out), input_example=example,
+                    extra_files=[str(encoder_file)], registered_model_name=name, pip_requirements=[f"torch=={torch.__version__}"],
+                    serialization_format="pickle", await_registration_for=60,
+                )
+        finally:
+            flavour_log.setLevel(level)
         version = str(info.registered_model_version)
         for alias in aliases:
             self.client.set_registered_model_alias(name, re.sub(r"[^\w-]", "-", alias)[:255], version)

@@ -8,6 +8,7 @@ whole but is not.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -251,11 +252,13 @@ class Corpus:
     def name(self) -> str:
         return str(self.meta.get("name", self.root.name))
 
+    @functools.cached_property
+    def _digest(self) -> str:
+        return hashlib.sha256((self.root / MANIFEST).read_bytes()).hexdigest()[:12]
+
     def digest(self) -> str:
         """A short content digest of the manifest: the same clips, labels and splits give the same one."""
-        import hashlib
-
-        return hashlib.sha256((self.root / MANIFEST).read_bytes()).hexdigest()[:12]
+        return self._digest
 
     def profile(self) -> dict[str, Any]:
         """Clip and speaker counts per split (what MLflow shows as the dataset's profile)."""

@@ -175,15 +175,8 @@ def _start_job_run(job: EvalJob, cfg: Config, tracker: Tracker, data_cache: Task
     # Parent: the study when there is one, else the encoder's pretraining run.
     parent = job.parent_run_id or source.encoder_run_id
     run_id = tracker.start_run(job.run_name or f"eval-{source.name}-{job.task}", tags, params, parent_id=parent)
-    _log_corpus(tracker, run_id, data.corpus_path, "evaluation")
+    tracker.log_corpus(run_id, data_cache.corpus(job.task), "evaluation")
     return run_id, fraction
-
-
-def _log_corpus(tracker: Tracker, run_id: str, path: str, context: str) -> None:
-    try:
-        tracker.log_corpus(run_id, Corpus(path), context)
-    except Exception as e:  # the dataset record is for browsing; the evaluation does not depend on it
-        print(f"note: could not record corpus {path} as an MLflow dataset ({type(e).__name__}: {e})", flush=True)
 
 
 PREDICTIONS_FILE = "predictions.npz"

@@ -297,7 +297,6 @@ class RayTrainSession:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.last: dict[str, Any] = {}
 
     def get_checkpoint(self):
         import ray.train
@@ -312,7 +311,6 @@ class RayTrainSession:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path] = None, name: Optional[str] = None) -> None:
         import ray.train
 
-        self.last = metrics
         if checkpoint_dir is None:
             ray.train.report(metrics, checkpoint=None)
         else:

@@ -43,7 +43,7 @@ class QuickProbe:
                  val_max_clips: int = 0, folds: int = 0):
         task_cls = TASKS.get(task_name)
         self.task = task_cls(corpus.label_values(task_cls.labels[0]) if task_cls.kind == "classification" else None)
-        self.seed, self.folds = seed, folds
+        self.seed = seed
         train = corpus.select("train", require=self.task.labels, max_clips=max_clips, seed=seed)
         val = corpus.select("val", require=self.task.labels, max_clips=val_max_clips, seed=seed)
         self.available = bool(train) and bool(val)
@@ -51,20 +51,17 @@ class QuickProbe:
             return
         rows = train + val
         self.y = np.array([self.task.target(r) for r in rows])
-        speakers = [r["speaker"] for r in rows]
-        self.groups = np.array([sorted(set(speakers)).index(x) for x in speakers])
-        self.is_val = np.array([False] * len(train) + [True] * len(val))
+        # The same clips every epoch, so the same splits: fixed here, with the clips they score.
         if folds:
-            self.folds = min(folds, len(set(speakers)))
+            from sklearn.model_selection import GroupKFold
+
+            groups = np.unique([r["speaker"] for r in rows], return_inverse=True)[1]
+            self.splits = list(GroupKFold(n_splits=min(folds, int(groups.max()) + 1)).split(self.y, groups=groups))
+        else:
+            self.splits = [(np.arange(len(train)), np.arange(len(train), len(rows)))]
+        self.held_out = np.concatenate([te for _, te in self.splits])
         # Decoded once and kept: the probe runs every epoch on the same clips.
         self.batches = [b for _, b in iterate_rows(corpus, rows, batch_size)]
-
-    def _splits(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        if not self.folds:
-            return [(np.flatnonzero(~self.is_val), np.flatnonzero(self.is_val))]
-        from sklearn.model_selection import GroupKFold
-
-        return list(GroupKFold(n_splits=self.folds).split(self.y, groups=self.groups))
 
     def __call__(self, encoder: torch.nn.Module, device: torch.device) -> dict[str, Any]:
         """Scores a copy of the encoder with recomputed BatchNorm statistics (as it will be saved)."""
@@ -81,13 +78,13 @@ class QuickProbe:
         encoder = copy.deepcopy(encoder)
         recalibrate_batchnorm(encoder, [b["wave"] for b in self.batches[:8]], device)
         x = pooled_embeddings(encoder, self.batches, device)
-        held_out = np.concatenate([te for _, te in self._splits()])
+        held_out = self.held_out
         y = self.y[held_out]
         out: dict[str, Any] = {"probe/val_clips": float(len(held_out))}
         if self.task.kind == "classification":
             n_classes = len(self.task.classes)
             proba = np.zeros((len(self.y), n_classes))
-            for tr, te in self._splits():
+            for tr, te in self.splits:
                 clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=0.5)).fit(x[tr], self.y[tr])
                 proba[np.ix_(te, clf.classes_.astype(int))] = clf.predict_proba(x[te])
             proba = proba[held_out]
@@ -100,7 +97,7 @@ class QuickProbe:
                 "probe/val_nll": float(-np.log(np.clip(p_true, 1e-7, 1.0)).mean()),
             }
         pred = np.zeros(self.y.shape)
-        for tr, te in self._splits():
+        for tr, te in self.splits:
             pred[te] = make_pipeline(StandardScaler(), Ridge(alpha=10.0)).fit(x[tr], self.y[tr]).predict(x[te])
         pred = pred[held_out]
 

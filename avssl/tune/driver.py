@@ -73,13 +73,10 @@ def _log_trial_corpora(tracker: Tracker, run_id: str, cfg: Config, trial: TrialS
     from avssl.data.corpus import Corpus
     from avssl.train.trainer import log_corpora
 
-    try:
-        if trial.encoder == "pretrained":
-            log_corpora(tracker, run_id, cfg, Corpus(cfg.data.corpus))
-        if trial.downstream:
-            tracker.log_corpus(run_id, Corpus(task_corpus(cfg, trial.task)), "evaluation")
-    except Exception as e:  # a record for browsing; the trial does not depend on it
-        print(f"note: trial corpora not recorded as MLflow datasets ({type(e).__name__}: {e})", flush=True)
+    if trial.encoder == "pretrained":
+        log_corpora(tracker, run_id, cfg, Corpus(cfg.data.corpus))
+    if trial.downstream:
+        tracker.log_corpus(run_id, Corpus(task_corpus(cfg, trial.task)), "evaluation")
 
 
 def trial_fn(config: dict[str, Any], static: dict[str, Any]) -> None:
@@ -109,11 +106,11 @@ def trial_fn(config: dict[str, Any], static: dict[str, Any]) -> None:
     run_id, reopened = tracker.find_or_start_run(f"{static['search_name']}-{trial_id}", key, params=params, parent_id=static["parent_run_id"])
     if not reopened:
         _log_trial_corpora(tracker, run_id, cfg, trial)
+    in_process = static["in_process"]
     tracker.set_tags(run_id, {"avssl.search_name": static["search_name"], "avssl.encoder": trial.encoder, DONE_TAG: "running",
-                              "avssl.trial_mode": "in-process" if static["in_process"] else "nested TorchTrainer"})
+                              "avssl.trial_mode": "in-process" if in_process else "nested TorchTrainer"})
     encoder_path = None
     final: dict[str, float] = {}
-    in_process = static["in_process"]
     if trial.encoder == "pretrained":
         run_dir = Path(cfg.train.storage_path) / trial_id
         encoder_path = str(run_dir / ENCODER_FILE)
