@@ -81,7 +81,35 @@ def _client(uri: str):
     _quiet_mlflow_http()
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    # The registry named explicitly: MlflowClient otherwise takes the process-wide registry URI,
+    # which an earlier run against another store may have set.
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def _process_uris(uri: str):
+    """MLflow's process-wide tracking and registry URIs (and the environment variables MLflow
+    sets with them for subprocesses) pointed at `uri` for the block, then put back as they were,
+    unset included: log_model and models:/ downloads read only those, and a later client or Ray
+    worker of this process must not inherit them."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = tracking_state._tracking_uri, registry_state._registry_uri, {k: os.environ.get(k) for k in names}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry_state._registry_uri = saved[1]
+        for k, v in saved[2].items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _flat_params(params: dict[str, Any]) -> dict[str, str]:
@@ -272,15 +300,13 @@ class Tracker:
         example = np.zeros((1, 16000), np.float32)
         with torch.no_grad():
             out = encoder(torch.from_numpy(example)).float().numpy()
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
         # The model file is the flavour's pickle (MLflow's graph format cannot export this encoder);
         # avssl itself only ever reads the weights-only encoder.pt stored beside it.
         flavour_log = logging.getLogger("mlflow.pytorch")
         level = flavour_log.level
         flavour_log.setLevel(logging.ERROR)
         try:
-            with mlflow.start_run(run_id=run_id):
+            with _process_uris(self.uri), mlflow.start_run(run_id=run_id):
                 info = mlflow.pytorch.log_model(
                     encoder, name="encoder_model", signature=infer_signature(example, out), input_example=example,
                     extra_files=[str(encoder_file)], registered_model_name=name, pip_requirements=[f"torch=={torch.__version__}"],
@@ -315,7 +341,8 @@ class Tracker:
         import mlflow.artifacts
 
         dst = Path(tempfile.mkdtemp(prefix="avssl-model-"))
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst), tracking_uri=self.uri))
+        with _process_uris(self.uri):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst)))
         found = sorted(local.rglob("encoder.pt"))
         if not found:
             raise TrackingError(f"'{uri}' (version {mv.version}) holds no encoder.pt; it was not registered by avssl")
@@ -365,6 +392,7 @@ class RunLogger:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._drained = threading.Event()
         self.sent = 0
         self.lost = 0
         self.failures = 0
@@ -449,9 +477,22 @@ class RunLogger:
             self._wake.clear()
             if self._metrics or self._uploads:
                 self._send()
+            if not self.failures and not self._metrics and not self._uploads:
+                self._drained.set()
 
     def flush(self) -> None:
         self._wake.set()
+
+    def sync(self, timeout_s: float = 10.0) -> bool:
+        """Send what is buffered now and wait for it, up to `timeout_s`, so that what a process
+        logged before a checkpoint outlives the process. While the store is unreachable this
+        returns at once (everything stays buffered for retry): training never waits on it.
+        True when the buffer was sent."""
+        if self.failures or not self._thread.is_alive():
+            return False
+        self._drained.clear()
+        self._wake.set()
+        return self._drained.wait(timeout_s)
 
     def close(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """Stop the sender; try to send what is left until the deadline; report what was lost."""

@@ -396,6 +396,10 @@ def run_loop(config: dict[str, Any], session: Any) -> None:
         if not with_checkpoint or rank != 0:
             session.report(metrics)
             return
+        if logger is not None:
+            # The history up to a checkpoint is sent before the checkpoint exists: a node that dies
+            # after it then loses no metrics the resumed run will not log again.
+            logger.sync()
         with tempfile.TemporaryDirectory() as tmp:
             _save_state(Path(tmp), raw, optimizer, scheduler, scaler, state, generator)
             session.report(metrics, Path(tmp), f"checkpoint_step{state.step:07d}")
