@@ -103,3 +103,20 @@ def test_registering_leaves_mlflows_process_wide_uris_as_they_were(tmp_path, mon
     other = f"sqlite:///{tmp_path / 'other.db'}"
     Tracker(other, "avssl")
     assert mlflow.MlflowClient(other).search_registered_models() == []
+
+
+def test_the_report_lists_trials_that_vary_different_fields(tmp_path):
+    """A grid whose bundles set different fields (scratch trials have no pretraining fraction):
+    every trial gets a row, '-' where it did not set a field."""
+    from avssl.evaluate.report import search_table
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "avssl")
+    parent = tracker.start_run("grid", {"avssl.kind": "search", "avssl.metric": "downstream/val_uar", "avssl.mode": "max"})
+    for i, (params, value) in enumerate([({"space.trial.encoder": "pretrained", "space.data.pretrain_fraction": 0.5}, 0.4),
+                                         ({"space.trial.encoder": "scratch"}, 0.3)]):
+        trial = tracker.start_run(f"t{i}", {"avssl.kind": "trial", "avssl.trial_id": f"t{i}"}, params, parent_id=parent)
+        tracker.log_metrics(trial, {"best/downstream/val_uar": value, "best/downstream/val_uar_se": 0.03, "epoch": 1})
+    (tmp_path / "report" / "figures").mkdir(parents=True)
+    text = search_table(tracker, tmp_path / "report", parent)
+    rows = [line for line in text.splitlines() if line.startswith("| t") and not line.startswith("| trial")]
+    assert len(rows) == 2 and "scratch" in rows[1] and "| - |" in rows[1], text

@@ -276,7 +276,7 @@ def search_table(tracker: Tracker, out: Path, search_run: Optional[str]) -> str:
         se = t.data.metrics.get(f"best/{metric}_se")
         cell = "-" if value is None else f"{value:.4f}" + (f" ± {se:.4f}" if se is not None else "")
         rows.append((value, [t.data.tags.get("avssl.trial_id", "?"), t.data.tags.get("avssl.trial_status", t.info.status)]
-                     + [t.data.params[k] for k in varied] + [cell,
+                     + [t.data.params.get(k, "-") for k in varied] + [cell,
                      f"{t.data.metrics.get('epoch', float('nan')):.0f}"]))
     rows.sort(key=lambda x: (x[0] is None, -(x[0] or 0) if mode == "max" else (x[0] or 0)))
     header = ["trial", "status"] + [k[len("space."):] for k in varied] + [f"best {metric} ± SE", "epochs"]
