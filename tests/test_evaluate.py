@@ -59,6 +59,21 @@ def test_scratch_trains_the_encoder_and_frozen_sources_do_not(setup, tmp_path):
     assert not frozen.trainable and all(torch.equal(before[k], v) for k, v in frozen.module.state_dict().items())
 
 
+def test_early_stopping_waits_for_min_steps(setup):
+    """A head whose validation score never improves (a learning rate too small to move it) is
+    stopped by patience, but only once it has taken `min_steps` optimiser steps."""
+    from avssl.evaluate.downstream import HeadTrainer
+
+    cfg, tracker, cache = setup
+    data = cache.get("emotion")
+    mfcc = resolve_source("mfcc", cfg)
+    batches = -(-len(data.train) // cfg.evaluate.batch_size)
+    for min_steps, expected_epochs in ((0, 2), (batches * 7, 7)):
+        ev = cfg.evaluate.model_copy(update={"epochs": 20, "patience": 1, "lr": 1e-12, "min_steps": min_steps})
+        result = HeadTrainer(mfcc, data, ev).fit(0)
+        assert len(result.curves["val_score"]) == expected_epochs, (min_steps, result.curves["val_score"])
+
+
 def test_scratch_takes_the_compared_encoders_architecture(setup, tmp_path):
     from avssl.errors import ConfigError
     from avssl.evaluate.sources import resolve_sources

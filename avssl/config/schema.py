@@ -109,7 +109,11 @@ class PrepareConfig(Section):
     segment_seconds: float = Field(4.0, gt=0.5, description="clip length when cutting long recordings (sewa)")
     max_clips: int = Field(0, ge=0, description="stop after this many clips; 0 = all")
     shard_size: int = Field(64, ge=1)
-    workers: int = Field(0, ge=0, description="decoding processes; 0 = all CPUs")
+    workers: int = Field(0, ge=0, description="decoding workers; 0 = every CPU (of the Ray cluster with engine=ray)")
+    engine: Literal["ray", "processes"] = Field(
+        "ray", description="ray: decode on Ray Data across the cluster's nodes (or the local runtime); "
+        "processes: a process pool on this machine, no Ray")
+    batch_files: int = Field(8, ge=1, description="files per decoding task")
 
     @model_validator(mode="after")
     def _valid_crop(self) -> "PrepareConfig":
@@ -275,7 +279,8 @@ class EvaluateConfig(Section):
     lr: float = Field(3e-3, gt=0.0, description="head learning rate (and the scratch encoder's, which starts from random)")
     encoder_lr: float = Field(1e-4, gt=0.0, description="learning rate of a fine-tuned pretrained encoder")
     min_steps: int = Field(
-        100, ge=0, description="at least this many optimiser steps whatever the label fraction (a small fraction takes several passes per epoch)"
+        100, ge=0, description="at least this many optimiser steps whatever the label fraction (a small fraction takes several passes "
+        "per epoch); early stopping waits for them"
     )
 
     @field_validator("layer")

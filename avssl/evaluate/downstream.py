@@ -314,6 +314,7 @@ class HeadTrainer:
         # `min_steps` optimiser steps (the same budget in steps, not in passes over fewer clips).
         batches = -(-len(train) // self.cfg.batch_size)
         passes = max(1, -(-self.cfg.min_steps // (self.cfg.epochs * batches)))
+        steps = 0  # early stopping waits for min_steps: a slow start (a scratch encoder's plateau at chance) is not the end
         for epoch in range(self.cfg.epochs):
             train_cond = train_conditions[epoch % len(train_conditions)] if train_conditions else CLEAN
             noisy_training = train_cond != CLEAN
@@ -333,6 +334,7 @@ class HeadTrainer:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 5.0)
                 opt.step()
+                steps += 1
                 losses.append(float(loss.detach()))
                 preds[idx] = clip.detach().float().cpu().numpy()
             if encoder is not None:
@@ -350,7 +352,7 @@ class HeadTrainer:
                 bad_epochs = 0
             else:
                 bad_epochs += 1
-                if bad_epochs >= self.cfg.patience and epoch >= warmup:
+                if bad_epochs >= self.cfg.patience and epoch >= warmup and steps >= self.cfg.min_steps:
                     break
         _, best_epoch, state = best
         head.load_state_dict(state["head"])
