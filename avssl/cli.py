@@ -65,7 +65,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_corpus(args: argparse.Namespace) -> int:
     from avssl.data.pipeline import corpus_command
 
-    return corpus_command(args.path, baseline=args.baseline)
+    return corpus_command(args.path, baseline=args.baseline, upload=args.upload)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -160,9 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared corpus at --out")
     _add_config_args(p)
 
-    p = add("corpus", cmd_corpus, "summarise a prepared corpus (and optionally its MFCC baselines)")
-    p.add_argument("path", help="prepared corpus folder")
+    p = add("corpus", cmd_corpus, "summarise a prepared corpus (and optionally its MFCC baselines); copy it to object storage")
+    p.add_argument("path", help="prepared corpus folder, or s3://bucket/prefix")
     p.add_argument("--baseline", action="store_true", help="also fit the MFCC-statistics baselines")
+    p.add_argument("--upload", metavar="URI", help="copy the corpus to this object-store prefix (s3://bucket/prefix; credentials and "
+                   "AWS_ENDPOINT_URL from the environment), then summarise the copy")
 
     p = add("pretrain", cmd_pretrain, "pretrain an audio encoder with Ray Train (visual / audio / av objective)",
             "Pretrain on data.corpus with objective.name in {visual, audio, av}. Checkpoints go to\n"

@@ -152,7 +152,9 @@ class Tracker:
         if exp is not None:
             return self._mark_kind(exp)
         location = None
-        if self.uri.startswith("sqlite:///"):
+        if artifact_root and "://" in artifact_root:  # an object store (s3://bucket/prefix): the experiment's folder under it
+            location = f"{artifact_root.rstrip('/')}/{name}"
+        elif self.uri.startswith("sqlite:///"):
             # Absolute artifact folder next to the store, so workers in another cwd agree.
             root = Path(artifact_root) if artifact_root else Path(self.uri[len("sqlite:///") :]).parent / "mlruns"
             location = (root.resolve() / name).as_uri()

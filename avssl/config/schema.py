@@ -124,7 +124,7 @@ class PrepareConfig(Section):
 
 
 class DataConfig(Section):
-    corpus: str = Field("data/synth/pool", description="the pretraining corpus (its labels are never used to pretrain)")
+    corpus: str = Field("data/synth/pool", description="the pretraining corpus, a folder or s3://bucket/prefix (its labels are never used to pretrain)")
     batch_size: int = Field(16, ge=1)
     clip_frames: int = Field(0, ge=0, description="random crop length in video frames for pretraining; 0 = whole clip")
     still_frame: Literal["random", "first"] = "random"
@@ -235,7 +235,8 @@ class TrainConfig(Section):
     figure_every_epochs: int = Field(1, ge=0, description="generated-vs-real frames figure every N epochs; 0 = last epoch only")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts; -1 = unlimited")
     storage_path: str = Field(default_factory=lambda: os.environ.get("AVSSL_STORAGE_PATH") or "avssl_runs",
-                              description="checkpoints and encoders; shared storage on multi-node clusters (default: AVSSL_STORAGE_PATH or ./avssl_runs)")
+                              description="checkpoints and encoders: a folder (shared storage on multi-node clusters) or an object-store "
+                              "prefix, s3://bucket/runs (default: AVSSL_STORAGE_PATH or ./avssl_runs)")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; null = start or join a local runtime")
     threads_per_worker: int = Field(0, ge=0, description="torch intra-op threads per worker; 0 = cpus_per_worker")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", description="Ray Train's own log level")
@@ -251,7 +252,7 @@ class TrainConfig(Section):
 class TrackingConfig(Section):
     uri: Optional[str] = Field(None, description="MLflow tracking URI; null = MLFLOW_TRACKING_URI or ./mlflow.db")
     experiment: str = "avssl"
-    artifact_root: Optional[str] = Field(None, description="artifact folder for new experiments; null = ./mlruns")
+    artifact_root: Optional[str] = Field(None, description="artifact folder or object-store prefix (s3://bucket/mlflow) for new experiments; null = ./mlruns next to the store")
     connect_timeout_s: float = Field(10.0, gt=0.0)
     register_models: bool = Field(True, description="register each pretrained encoder in the MLflow Model Registry")
     model_name: str = Field("avssl-encoder-{objective}", description="registered model name; {objective} is filled in")

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from avssl import storage
 from avssl.data.constants import FPS, HOP, SAMPLE_RATE
 from avssl.errors import DataError
 
@@ -116,12 +117,16 @@ def write_shard(path: Path, clips: list[Clip]) -> dict[str, Any]:
 
 
 class ShardReader:
-    """A whole shard decoded in memory; clips are slices of its arrays."""
+    """A whole shard decoded in memory; clips are slices of its arrays. A shard in an object store
+    is fetched whole when first needed, by the process that needs it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: "storage.Location"):
+        import io
+
         self.path = path
         try:
-            with np.load(path, allow_pickle=False) as z:
+            source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+            with np.load(source, allow_pickle=False) as z:
                 self.arrays = {k: z[k] for k in z.files}
         except FileNotFoundError:
             raise DataError(f"{path}: shard is missing (was the corpus moved or deleted?)") from None
@@ -151,17 +156,23 @@ class ShardReader:
 SHARD_ARRAYS = ("clip_ids.npy", "audio.npy", "audio_offsets.npy", "n_frames.npy")
 
 
-def _shard_problem(path: Path, size: Optional[int]) -> Optional[str]:
-    """What is wrong with a shard file, found without decoding it; None if nothing."""
+def _shard_problem(path: "storage.Location", size: Optional[int]) -> Optional[str]:
+    """What is wrong with a shard file, found without decoding it (an object store serves only
+    the zip directory at its end); None if nothing."""
     try:
-        actual = path.stat().st_size
+        actual = storage.size(path)
     except FileNotFoundError:
         return "shard is missing (was the corpus moved or deleted?)"
     if size is not None and actual != size:
         return f"shard is unreadable or truncated ({actual} bytes; the corpus recorded {size})"
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = set(zf.namelist())
+        if storage.is_remote(path):
+            fs, key = storage.filesystem(str(path))
+            with fs.open_input_file(key) as f, zipfile.ZipFile(f) as zf:
+                names = set(zf.namelist())
+        else:
+            with zipfile.ZipFile(path) as zf:
+                names = set(zf.namelist())
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         return f"shard is unreadable or truncated ({type(e).__name__}: {e})"
     missing = [a for a in SHARD_ARRAYS if a not in names]
@@ -171,7 +182,7 @@ def _shard_problem(path: Path, size: Optional[int]) -> Optional[str]:
 class ShardCache:
     """A few decoded shards per process: workers stream shards in order, so a small LRU suffices."""
 
-    def __init__(self, root: Path, capacity: int = 4):
+    def __init__(self, root: "storage.Location", capacity: int = 4):
         self.root = root
         self.capacity = capacity
         self._cache: OrderedDict[str, ShardReader] = OrderedDict()
@@ -180,17 +191,23 @@ class ShardCache:
         if rel in self._cache:
             self._cache.move_to_end(rel)
             return self._cache[rel]
-        reader = ShardReader(self.root / rel)
+        reader = ShardReader(storage.join(self.root, rel))
         self._cache[rel] = reader
         while len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
         return reader
 
 
-def _inside(root: Path, rel: str, what: str, where: str) -> Path:
+def _inside(root: "storage.Location", rel: str, what: str, where: str) -> Optional[Path]:
     p = Path(rel)
     if p.is_absolute():
         raise DataError(f"{where}: {what} path '{rel}' is absolute; manifest paths must be relative to the corpus root")
+    if storage.is_remote(root):
+        import posixpath
+
+        if posixpath.normpath(rel).startswith(".."):
+            raise DataError(f"{where}: {what} path '{rel}' escapes the corpus root {root}")
+        return None
     resolved = (root / p).resolve()
     if resolved != root and root not in resolved.parents:
         raise DataError(f"{where}: {what} path '{rel}' escapes the corpus root {root}")
@@ -201,18 +218,19 @@ REQUIRED_ROW_FIELDS = ("clip_id", "split", "speaker", "shard", "shard_index", "n
 
 
 class Corpus:
-    """A prepared corpus on disk: validated manifest rows + lazy shard access."""
+    """A prepared corpus, in a local folder or under an object-store prefix (`s3://bucket/corpus`):
+    validated manifest rows + lazy shard access."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
-        meta_path = self.root / CORPUS_META
-        man_path = self.root / MANIFEST
-        if not self.root.is_dir():
+        self.root: storage.Location = str(root).rstrip("/") if storage.is_remote(root) else Path(root).resolve()
+        meta_path = storage.join(self.root, CORPUS_META)
+        man_path = storage.join(self.root, MANIFEST)
+        if not storage.is_remote(self.root) and not self.root.is_dir():
             raise DataError(f"corpus folder {self.root} does not exist; create one with `avssl synth` or `avssl prepare`")
-        if not meta_path.is_file() or not man_path.is_file():
+        if not storage.is_file(meta_path) or not storage.is_file(man_path):
             raise DataError(f"{self.root} is not a prepared corpus (no {CORPUS_META} / {MANIFEST})")
         try:
-            self.meta = json.loads(meta_path.read_text())
+            self.meta = json.loads(storage.read_bytes(meta_path))
         except json.JSONDecodeError as e:
             raise DataError(f"{meta_path}: not valid JSON ({e})") from None
         self.rows = self._read_manifest(man_path)
@@ -220,9 +238,10 @@ class Corpus:
             raise DataError(f"{man_path}: the manifest has no clips")
         self.shards = ShardCache(self.root)
 
-    def _read_manifest(self, path: Path) -> list[dict[str, Any]]:
+    def _read_manifest(self, path: "storage.Location") -> list[dict[str, Any]]:
         rows, seen = [], set()
-        for ln, line in enumerate(path.read_text().splitlines(), 1):
+        self._manifest_bytes = storage.read_bytes(path)
+        for ln, line in enumerate(self._manifest_bytes.decode().splitlines(), 1):
             if not line.strip():
                 continue
             where = f"{path}:{ln}"
@@ -250,11 +269,16 @@ class Corpus:
     # -- selection -------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        return str(self.meta.get("name", self.root.name))
+        return str(self.meta.get("name", self.folder_name))
+
+    @property
+    def folder_name(self) -> str:
+        """The last part of the corpus's folder or prefix."""
+        return str(self.root).rstrip("/").rsplit("/", 1)[-1]
 
     @functools.cached_property
     def _digest(self) -> str:
-        return hashlib.sha256((self.root / MANIFEST).read_bytes()).hexdigest()[:12]
+        return hashlib.sha256(self._manifest_bytes).hexdigest()[:12]
 
     def digest(self) -> str:
         """A short content digest of the manifest: the same clips, labels and splits give the same one."""
@@ -341,8 +365,8 @@ class Corpus:
         recorded = self.meta.get("shards") or {}
         rels = sorted({r["shard"] for r in rows})
         with ThreadPoolExecutor(8) as pool:  # stat + directory read: latency-bound on network storage
-            problems = list(pool.map(lambda rel: _shard_problem(self.root / rel, (recorded.get(rel) or {}).get("bytes")), rels))
-        bad = [f"{self.root / rel}: {p}" for rel, p in zip(rels, problems) if p]
+            problems = list(pool.map(lambda rel: _shard_problem(storage.join(self.root, rel), (recorded.get(rel) or {}).get("bytes")), rels))
+        bad = [f"{storage.join(self.root, rel)}: {p}" for rel, p in zip(rels, problems) if p]
         if len(bad) == 1:
             raise DataError(bad[0])
         if bad:
@@ -352,7 +376,12 @@ class Corpus:
     def summary(self) -> dict[str, Any]:
         per_split = {s: sum(1 for r in self.rows if r["split"] == s) for s in SPLITS}
         speakers = {s: len({r["speaker"] for r in self.rows if r["split"] == s}) for s in SPLITS}
-        size = sum(p.stat().st_size for p in (self.root / "shards").glob("*.npz"))
+        if storage.is_remote(self.root):  # what the corpus recorded: listing a bucket is slow
+            shards = self.meta.get("shards") or {}
+            size, n_shards = sum(int(v.get("bytes", 0)) for v in shards.values()), len(shards)
+        else:
+            size = sum(p.stat().st_size for p in (self.root / "shards").glob("*.npz"))
+            n_shards = len(list((self.root / "shards").glob("*.npz")))
         return {
             "name": self.name,
             "clips": len(self.rows),
@@ -361,7 +390,7 @@ class Corpus:
             "hours": sum(r["duration"] for r in self.rows) / 3600.0,
             "has_video": self.has_video,
             "frame_size": self.frame_size,
-            "shards": len(list((self.root / "shards").glob("*.npz"))),
+            "shards": n_shards,
             "bytes_on_disk": size,
             "labels": {k: self.label_values(k) for k in ("emotion", "word") if any(r.get(k) for r in self.rows)},
         }

@@ -57,6 +57,16 @@ def synth_one(cfg: Config, synth: SynthConfig, overwrite: bool = False) -> int:
     return 0
 
 
-def corpus_command(path: str, baseline: bool = False) -> int:
+def corpus_command(path: str, baseline: bool = False, upload: str | None = None) -> int:
+    if upload:
+        from avssl import storage
+        from avssl.errors import ConfigError
+
+        if not storage.is_remote(upload):
+            raise ConfigError(f"--upload {upload}: give an object-store prefix such as s3://bucket/corpora/name")
+        Corpus(path)  # a whole corpus, before anything is copied
+        print(f"uploading {path} to {upload} ...", flush=True)
+        storage.upload(Path(path), upload)
+        path = upload
     print(format_summary(summarise(path, baseline)))
     return 0

@@ -95,12 +95,16 @@ def resolve_source(spec: str, cfg: Config, tracker=None, seed: int = 0, like: Op
 
         return FeatureSource("scratch", "scratch", fresh(seed), True, description=f"same encoder, random init, trained end to end: {encoder_signature(enc_cfg)}",
                              factory=fresh, encoder_config=enc_cfg, layer=layer)
-    path = Path(spec)
+    from avssl import storage
+
+    fetched = storage.fetch(spec) if storage.is_remote(spec) else None  # an encoder file in an object store
+    path = fetched or Path(spec)
     if path.is_file():
         enc, extra = load_encoder(path)
+        shown = spec if fetched else str(path.resolve())
         name = str(extra.get("run_name") or path.parent.name or path.stem)
-        return FeatureSource(name, "pretrained", Featurizer(enc, layer), cfg.evaluate.finetune, description=f"encoder file {path}",
-                             tags={"avssl.encoder_path": str(path.resolve()), "avssl.objective": str(extra.get("objective", ""))},
+        return FeatureSource(name, "pretrained", Featurizer(enc, layer), cfg.evaluate.finetune, description=f"encoder file {shown}",
+                             tags={"avssl.encoder_path": shown, "avssl.objective": str(extra.get("objective", ""))},
                              encoder_config=enc.config, layer=layer)
     if tracker is None:
         raise AvsslError(f"encoder '{spec}': not a baseline ({', '.join(BASELINES)}) nor an existing file")

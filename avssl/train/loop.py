@@ -20,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from avssl import storage
 from avssl.config.loader import config_from_dict
 from avssl.config.schema import Config
 from avssl.data.corpus import Corpus
@@ -178,7 +179,7 @@ def generated_frames_figure(model: AVSSLModel, batch: dict[str, torch.Tensor], d
     return generated_vs_real(real, gen, energy, title)
 
 
-def _record_worker(run_dir: Path, rank: int, world: int) -> None:
+def _record_worker(run_dir: storage.Location, rank: int, world: int) -> None:
     """Which process and node holds which rank, for operators (and fault-injection tests)."""
     import json
     import os
@@ -187,13 +188,11 @@ def _record_worker(run_dir: Path, rank: int, world: int) -> None:
     import ray
 
     try:
-        folder = run_dir / "workers"
-        folder.mkdir(parents=True, exist_ok=True)
         info = {"rank": rank, "world_size": world, "pid": os.getpid(), "host": socket.gethostname(),
                 "node_id": ray.get_runtime_context().get_node_id(), "started": time.time()}
-        (folder / f"rank{rank}.json").write_text(json.dumps(info))
+        storage.write_bytes(storage.join(run_dir, "workers", f"rank{rank}.json"), json.dumps(info).encode())
     except OSError:
-        pass  # storage that is not a local/NFS path: nothing to record
+        pass  # a read-only or unreachable run folder: nothing to record
 
 
 @dataclass
@@ -276,13 +275,12 @@ def train_step(p: TrainParts, model: torch.nn.Module, raw: AVSSLModel, batch: di
     return loss, parts, int(batch["wave"].shape[0])
 
 
-def _write_tracking_status(run_dir: Path, result: dict[str, Any]) -> None:
+def _write_tracking_status(run_dir: storage.Location, result: dict[str, Any]) -> None:
     """What reached MLflow, for the driver's final message (the driver cannot see rank 0's logger)."""
     import json
 
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / TRACKING_STATUS_FILE).write_text(json.dumps(result))
+        storage.write_bytes(storage.join(run_dir, TRACKING_STATUS_FILE), json.dumps(result).encode())
     except OSError:
         pass
 
@@ -366,7 +364,7 @@ def run_loop(config: dict[str, Any], session: Any) -> None:
     rank, world = session.rank, session.world
     torch.set_num_threads(cfg.train.threads_per_worker or max(1, int(cfg.train.cpus_per_worker)))
     device = session.device
-    _record_worker(Path(cfg.train.storage_path) / str(cfg.run_name), rank, world)
+    _record_worker(storage.join(cfg.train.storage_path, str(cfg.run_name)), rank, world)
 
     parts = build_parts(cfg, rank, world, device)
     corpus, objective, stream, model = parts.corpus, parts.objective, parts.stream, parts.model
@@ -385,8 +383,7 @@ def run_loop(config: dict[str, Any], session: Any) -> None:
 
     logger = None
     if rank == 0 and config.get("run_id"):
-        run_dir = Path(cfg.train.storage_path) / str(cfg.run_name)
-        logger = RunLogger(config["tracking_uri"], config["run_id"], fallback_dir=run_dir / "unsent_artifacts")
+        logger = RunLogger(config["tracking_uri"], config["run_id"], fallback_dir=storage.local_folder(cfg.train.storage_path, str(cfg.run_name)) / "unsent_artifacts")
         if state.resumed_from_step >= 0:
             logger.metrics({"resumed_from_step": state.resumed_from_step}, state.step)
 
@@ -509,21 +506,18 @@ class EpochEvaluator:
 def _export(cfg: Config, config: dict[str, Any], raw: AVSSLModel, corpus: Corpus, device: torch.device, state: TrainState, logger: Any) -> None:
     """The trained encoder, with BatchNorm statistics of its final weights: written to a file (and
     to `encoder_dir`), logged as the run's artifact with the final metrics; the logger closed."""
-    import shutil
-
     calib = [b["wave"] for _, b in iterate_rows(corpus, rows_for_pretraining(corpus, 1.0, cfg.seed, max_clips=256), 32)]
     recalibrate_batchnorm(raw.audio_encoder, calib, device)
     out = Path(tempfile.mkdtemp(prefix="avssl-encoder-")) / ENCODER_FILE
     save_encoder(raw.audio_encoder, cfg.model.audio_encoder, out, extra={"step": state.step, "objective": cfg.objective.name, "run_name": cfg.run_name})
     if config.get("encoder_dir"):
-        Path(config["encoder_dir"]).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(out, Path(config["encoder_dir"]) / ENCODER_FILE)
+        storage.write_bytes(storage.join(config["encoder_dir"], ENCODER_FILE), out.read_bytes())
     if logger is None:
         return
     logger.metrics({"final/steps": state.step, "final/samples_per_s": state.samples / max(state.train_seconds, 1e-9),
                     "final/restarts": state.restarts}, state.step)
     logger.artifact(out, "encoder")
     result = logger.close(timeout_s=max(30.0, 3 * cfg.tracking.connect_timeout_s))
-    _write_tracking_status(Path(cfg.train.storage_path) / str(cfg.run_name), result)
+    _write_tracking_status(storage.join(cfg.train.storage_path, str(cfg.run_name)), result)
     if result["lost"] or result["kept_locally"]:
         print(f"[avssl] MLflow: {result['lost']} metric values could not be sent; artifacts kept locally: {result['kept_locally']}", flush=True)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
+from avssl import storage
 from avssl.config.loader import flatten
 from avssl.config.schema import Config
 from avssl.data.corpus import Corpus
@@ -144,15 +144,15 @@ def log_corpora(tracker: Tracker, run_id: str, cfg: Config, corpus: Corpus) -> N
         tracker.log_corpus(run_id, Corpus(probe_corpus(cfg)), "probe")
 
 
-def register(tracker: Tracker, cfg: Config, run_id: str, run_dir: Path, aliases: list[str]) -> Optional[str]:
+def register(tracker: Tracker, cfg: Config, run_id: str, run_dir: storage.Location, aliases: list[str]) -> Optional[str]:
     """The encoder as a registered model (`tracking.model_name`), aliases moved to it. A registry
     that refuses leaves the encoder a plain run artifact, with a warning: training is not lost."""
     if not cfg.tracking.register_models:
         return None
     name = cfg.tracking.model_name.format(objective=cfg.objective.name)
     try:
-        local = run_dir / ENCODER_FILE
-        if not local.is_file():  # storage not shared with this machine: the run's artifact
+        local = storage.fetch(storage.join(run_dir, ENCODER_FILE))
+        if local is None:  # storage not shared with this machine: the run's artifact
             local = tracker.download(run_id, f"encoder/{ENCODER_FILE}")
         version = tracker.register_encoder(run_id, local, name, aliases)
     except Exception as e:
@@ -167,8 +167,8 @@ def register(tracker: Tracker, cfg: Config, run_id: str, run_dir: Path, aliases:
 def pretrain(cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None) -> PretrainResult:
     t0 = time.perf_counter()
     cfg, corpus, tracker, run_id, reopened = prepare_run(cfg, parent_run_id, extra_tags)
-    run_dir = Path(cfg.train.storage_path) / str(cfg.run_name)
-    print(f"pretrain '{cfg.run_name}': objective {cfg.objective.name}, corpus {corpus.root.name} ({corpus.name}), "
+    run_dir = storage.join(cfg.train.storage_path, str(cfg.run_name))
+    print(f"pretrain '{cfg.run_name}': objective {cfg.objective.name}, corpus {corpus.folder_name} ({corpus.name}), "
           f"{cfg.train.num_workers} worker(s), MLflow run {run_id}" + (" (resuming)" if reopened else ""), flush=True)
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
@@ -197,7 +197,7 @@ def pretrain(cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Optio
         run_name=str(cfg.run_name),
         metrics=dict(result.metrics or {}),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
-        encoder_path=str(run_dir / ENCODER_FILE),
+        encoder_path=str(storage.join(run_dir, ENCODER_FILE)),
         tracking_uri=tracker.uri,
         seconds=time.perf_counter() - t0,
         tracking=tracking,
@@ -205,13 +205,13 @@ def pretrain(cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Optio
     )
 
 
-def _finish_tracking(tracker: Tracker, run_id: str, run_dir: Path, timeout_s: float) -> dict[str, Any]:
+def _finish_tracking(tracker: Tracker, run_id: str, run_dir: storage.Location, timeout_s: float) -> dict[str, Any]:
     """Close the MLflow run, retrying a server that dropped mid-run; never lose the trained result
     over it. Returns what rank 0 could send ({sent, lost, kept_locally}) plus `closed`."""
     import json
 
     try:
-        status = json.loads((run_dir / TRACKING_STATUS_FILE).read_text())
+        status = json.loads(storage.read_bytes(storage.join(run_dir, TRACKING_STATUS_FILE)))
     except (OSError, ValueError):
         status = {}
     deadline = time.time() + max(3 * timeout_s, 10.0)

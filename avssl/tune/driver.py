@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from avssl import storage
 from avssl.config.loader import apply_overrides, config_from_dict, flatten
 from avssl.config.schema import Config
 from avssl.errors import AvsslError, ConfigError
@@ -36,9 +37,8 @@ def trial_config(static: dict[str, Any], params: dict[str, Any], trial_id: str) 
     tree = apply_overrides(static["base"], overrides)
     cfg = config_from_dict(tree)
     trial = TrialSettings.model_validate({**static["trial"], **trial_values})
-    storage = Path(static["storage"]) / "train"
     cfg = cfg.model_copy(update={"run_name": trial_id})
-    cfg.train.storage_path = str(storage)
+    cfg.train.storage_path = str(storage.join(static["storage"], "train"))
     cfg.train.num_workers = trial.workers
     cfg.train.cpus_per_worker = trial.cpus_per_worker
     cfg.train.use_gpu = trial.gpus_per_worker > 0
@@ -112,8 +112,8 @@ def trial_fn(config: dict[str, Any], static: dict[str, Any]) -> None:
     encoder_path = None
     final: dict[str, float] = {}
     if trial.encoder == "pretrained":
-        run_dir = Path(cfg.train.storage_path) / trial_id
-        encoder_path = str(run_dir / ENCODER_FILE)
+        run_dir = storage.join(cfg.train.storage_path, trial_id)
+        encoder_path = str(storage.join(run_dir, ENCODER_FILE))
         # Tagged now: a scheduler may end this trial right after its last report, before this function returns.
         tracker.set_tags(run_id, {"avssl.encoder_path": encoder_path})
         loop_config = {"cfg": cfg.model_dump(mode="json"), "tracking_uri": tracker.uri, "run_id": run_id, "encoder_dir": str(run_dir)}
@@ -297,14 +297,14 @@ def run_search(space: SearchSpace, cfg: Config, name: Optional[str] = None, resu
 
     t0 = time.perf_counter()
     name = name or space.name
-    storage = Path(cfg.train.storage_path) / "searches"
-    path = storage / name
+    searches = storage.join(cfg.train.storage_path, "searches")
+    path = storage.join(searches, name)
     tracker = Tracker.from_config(cfg.tracking)
     from ray.tune import Tuner
 
     restorable = Tuner.can_restore(str(path))
     if resume and not restorable:
-        raise ConfigError(f"--resume: no search named '{name}' under {storage} (start it without --resume)")
+        raise ConfigError(f"--resume: no search named '{name}' under {searches} (start it without --resume)")
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # save the search's state often: cheap, and resumes lose little
     _check_metric(space, cfg)
@@ -346,7 +346,7 @@ def run_search(space: SearchSpace, cfg: Config, name: Optional[str] = None, resu
     param_space = to_tune(space)
     trainable = tune.with_resources(tune.with_parameters(trial_fn, static=static), trial_resources)
     callbacks = [_trial_runs_sync(tracker, parent_id, space.metric, space.mode, max_epochs)]
-    run_config = tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks, verbose=1)
+    run_config = tune.RunConfig(name=name, storage_path=str(searches), callbacks=callbacks, verbose=1)
     print(f"search '{name}': {space.total_trials} trials, up to {concurrent} at a time, {space.mode} {space.metric}; "
           f"searcher {space.searcher}, scheduler {space.scheduler.name}; trials {'in-process' if in_process else 'on nested TorchTrainers'}; "
           f"MLflow run {parent_id}" + (" (restoring)" if restorable else ""), flush=True)
@@ -385,10 +385,10 @@ def run_search(space: SearchSpace, cfg: Config, name: Optional[str] = None, resu
             best["encoder_path"] = best_runs[0].data.tags.get("avssl.encoder_path")
             tracker.set_tags(parent_id, {"avssl.best_trial_id": best["trial_id"], "avssl.best_run_id": best["run_id"]})
         tracker.log_text(parent_id, "\n".join(f"{k}: {v}" for k, v in best["config"].items()), "best_config.txt")
-        if best.get("encoder_path") and best.get("run_id") and Path(best["encoder_path"]).is_file():
+        if best.get("encoder_path") and best.get("run_id") and storage.is_file(best["encoder_path"]):
             from avssl.train.trainer import register
 
-            best["registered_model"] = register(tracker, cfg, best["run_id"], Path(best["encoder_path"]).parent, [f"best-of-{name}"])
+            best["registered_model"] = register(tracker, cfg, best["run_id"], str(best["encoder_path"]).rsplit("/", 1)[0], [f"best-of-{name}"])
     tracker.log_metrics(parent_id, summary)
     _search_figures(tracker, parent_id, space, rows, space.metric)
     tracker.set_tags(parent_id, {"avssl.search_status": "finished"})
