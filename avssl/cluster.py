@@ -487,6 +487,50 @@ def _start_problems(cfg: dict[str, Any]) -> list[str]:
     return problems
 
 
+_EXPORTED = re.compile(r"\b([A-Z][A-Z0-9_]*)=(\S+)")
+_S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$")
+
+
+def _storage_locations(commands: str) -> dict[str, str]:
+    """Where the nodes keep corpora, runs and MLflow artifacts, as the commands set them: exported
+    AVSSL_* / MLflow variables and the MLflow server's --artifacts-destination, with `$VAR`
+    references to other exported variables expanded."""
+    exported: dict[str, str] = {}
+    for name, value in _EXPORTED.findall(commands):
+        exported.setdefault(name, value.strip("'\""))
+
+    def expand(value: str) -> str:
+        return re.sub(r"\$\{?([A-Z][A-Z0-9_]*)\}?", lambda m: exported.get(m.group(1), m.group(0)), value)
+
+    found = {name: expand(v) for name, v in exported.items() if name in ("AVSSL_STORAGE_PATH", "AVSSL_BUCKET")}
+    m = re.search(r"--artifacts-destination[ =](\S+)", commands)
+    if m:
+        found["--artifacts-destination"] = expand(m.group(1))
+    return found
+
+
+def _object_storage_problems(cfg: dict[str, Any]) -> list[str]:
+    """Storage in S3: well-formed bucket URIs, and a way for every node to reach them without a key
+    in the file (an instance profile on AWS; an exported AWS_ENDPOINT_URL elsewhere)."""
+    commands = "\n".join(_commands(cfg))
+    remote = {k: v for k, v in _storage_locations(commands).items() if "://" in v}
+    problems = [f"{k}={v} is not an S3 URI of the form s3://bucket/prefix (bucket: 3-63 lowercase letters, digits, dots, hyphens)"
+                for k, v in remote.items() if v.startswith("s3") and not _S3_URI.match(v)]
+    if not any(v.startswith("s3://") for v in remote.values()):
+        return problems
+    where = ", ".join(f"{k}={v}" for k, v in remote.items())
+    if (cfg.get("provider") or {}).get("type") == "aws":
+        for name, node_type in (cfg.get("available_node_types") or {}).items():
+            profile = (node_type.get("node_config") or {}).get("IamInstanceProfile") or {}
+            if not (profile.get("Arn") or profile.get("Name")):
+                problems.append(f"node type '{name}' has no IamInstanceProfile: its processes cannot reach {where} "
+                                "(give the nodes a role with access to the bucket; keys never go in this file)")
+    elif "AWS_ENDPOINT_URL" not in commands:
+        problems.append(f"storage in S3 ({where}) on a '{(cfg.get('provider') or {}).get('type')}' cluster: export AWS_ENDPOINT_URL "
+                        "(the S3-compatible server) to the nodes; credentials come from the nodes' environment or ~/.aws")
+    return problems
+
+
 def avssl_problems(cfg: dict[str, Any], text: str, path: Optional[Path] = None) -> list[str]:
     """What a Ray-valid file can still get wrong for avssl."""
     problems = []
@@ -509,6 +553,7 @@ def avssl_problems(cfg: dict[str, Any], text: str, path: Optional[Path] = None) 
     problems += _token_problems(cfg)
     problems += _head_address_problems(cfg)
     problems += _start_problems(cfg)
+    problems += _object_storage_problems(cfg)
     for p_, key, value in _walk(cfg):
         where = f"{p_}.{key}" if p_ else str(key)
         if p_.startswith("file_mounts"):

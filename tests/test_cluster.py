@@ -138,6 +138,24 @@ BROKEN_COPIES = {
 }
 
 
+def test_cluster_check_validates_object_storage(tmp_path):
+    """cluster-gpu.yaml keeps corpora, runs and MLflow artifacts in S3: the check wants well-formed
+    bucket URIs and a role on every node (never a key); an on-prem cluster an endpoint."""
+    def gpu(edit) -> Path:
+        cfg = yaml.safe_load((REPO / "cluster-gpu.yaml").read_text())
+        edit(cfg)
+        out = tmp_path / "gpu.yaml"
+        out.write_text(yaml.safe_dump(cfg))
+        return out
+
+    with pytest.raises(ConfigError, match=r"node type 'gpu_worker' has no IamInstanceProfile: its processes cannot reach .*AVSSL_STORAGE_PATH=s3://my-avssl-bucket/avssl_runs"):
+        check_cluster_file(gpu(lambda c: c["available_node_types"]["gpu_worker"]["node_config"].pop("IamInstanceProfile")))
+    with pytest.raises(ConfigError, match=r"AVSSL_BUCKET=s3://My_Bucket is not an S3 URI"):
+        check_cluster_file(gpu(lambda c: _edit_commands(c, "setup_commands", lambda x: x.replace("s3://my-avssl-bucket", "s3://My_Bucket"))))
+    with pytest.raises(ConfigError, match=r"storage in S3 \(AVSSL_STORAGE_PATH=s3://runs-bucket/avssl\) on a 'local' cluster: export AWS_ENDPOINT_URL"):
+        check_cluster_file(_broken(tmp_path, lambda c: _edit_commands(c, "setup_commands", lambda x: x.replace("$AVSSL_SHARED/avssl_runs", "s3://runs-bucket/avssl"))))
+
+
 @pytest.mark.parametrize("mistake", list(BROKEN_COPIES))
 def test_cluster_check_catches(tmp_path, mistake):
     edit, message = BROKEN_COPIES[mistake]
