@@ -134,6 +134,16 @@ def test_lrw_decodes_video_and_audio(tmp_path):
     assert clip.frames.shape[1:] == (32, 32) and 27 <= clip.frames.shape[0] <= 29
     assert len(clip.audio) == clip.frames.shape[0] * 640
     assert c.has_video and {x["split"] for x in c.rows} == {"train", "val", "test"}
+    # The fast grayscale path gives exactly the pixels of PyAV's own to_ndarray(format="gray").
+    import av
+
+    from avssl.data.media import _crop_resize
+
+    row = next(x for x in c.rows if x["clip_id"] == "lrw_train_ABOUT_00001")
+    with av.open(str(root / "ABOUT" / "train" / "ABOUT_00001.mp4")) as container:
+        reference = np.stack([_crop_resize(f.to_ndarray(format="gray"), CFG.frame_size, CFG.face_crop) for f in container.decode(video=0)])
+    got = c.load(row).frames
+    assert np.array_equal(got, reference[: len(got)])
 
 
 def lrw_fixture(root: Path, words=("ABOUT", "BLACK"), per_split=1, seed=0) -> Path:
