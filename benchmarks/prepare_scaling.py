@@ -2,7 +2,7 @@
 the local process pool with 1 and 2 processes, side by side in one run; every output manifest is
 compared byte for byte with the 1-process one.
 
-    python benchmarks/prepare_scaling.py [--words 20] [--per-split 4]
+    python benchmarks/prepare_scaling.py [--words 40] [--per-split 8]
 
 The fixture is LRW's published layout (WORD/{train,val,test}/WORD_NNNNN.mp4, 29 frames of 96x96
 video with 16 kHz audio, written by PyAV), made once under benchmarks/results/. The Ray runtime is
@@ -52,8 +52,8 @@ def fixture(words: int, per_split: int) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--words", type=int, default=20)
-    ap.add_argument("--per-split", type=int, default=4)
+    ap.add_argument("--words", type=int, default=40)
+    ap.add_argument("--per-split", type=int, default=8)
     args = ap.parse_args()
 
     from avssl.config import load_config
