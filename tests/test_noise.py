@@ -98,7 +98,7 @@ def test_noise_study_on_a_crema_d_layout_corpus_applies_each_snr_per_clip(workdi
             t = np.arange(int(seconds * 16000)) / 16000
             amp = 0.05 + 0.1 * ((a + k) % 3)
             sf.write(root / f"{actor}_DFA_{emo}_XX.wav", (amp * np.sin(2 * np.pi * (120 + 20 * a) * t) + rng.normal(0, 0.001, len(t))).astype(np.float32), 16000)
-    prep = load_config("tiny", ["prepare.workers=1"]).prepare
+    prep = load_config("tiny", ["prepare.workers=1", "prepare.engine=processes"]).prepare
     corpus = prepare("crema-d", tmp_path / "CREMA-D", tmp_path / "crema", prep, strict=False, quiet=True)["out"]
     cfg = tiny_cfg(workdir, corpus, f"evaluate.corpora.emotion={corpus}", "study.methods=[mfcc]", "study.noise.snrs=[clean,20.0,5.0,0.0]",
                    "evaluate.epochs=2", "evaluate.seeds=[0]", "evaluate.parallel=false")
