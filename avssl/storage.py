@@ -9,11 +9,12 @@ machine its instance role. Credentials never go in config files.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import posixpath
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 from avssl.errors import DataError
 
@@ -50,20 +51,31 @@ def join(root: Location, *parts: str) -> Location:
     return Path(root).joinpath(*parts)
 
 
-def read_bytes(location: Location) -> bytes:
-    """The whole object (shards are read one at a time, on the node that needs them)."""
+@contextlib.contextmanager
+def open_input(location: Location) -> Iterator[Any]:
+    """A seekable binary file (an object store serves the ranges read: a zip directory costs one
+    request, not the object); FileNotFoundError when it is not there."""
     if not is_remote(location):
-        return Path(location).read_bytes()
+        with open(location, "rb") as f:
+            yield f
+        return
     fs, path = filesystem(str(location))
     try:
-        with fs.open_input_file(path) as f:
-            return f.read()
+        f = fs.open_input_file(path)
     except FileNotFoundError:
         raise
     except OSError as e:
         if "not found" in str(e).lower() or "does not exist" in str(e).lower() or "NoSuchKey" in str(e):
             raise FileNotFoundError(str(location)) from None
         raise
+    with f:
+        yield f
+
+
+def read_bytes(location: Location) -> bytes:
+    """The whole object (shards are read one at a time, on the node that needs them)."""
+    with open_input(location) as f:
+        return f.read()
 
 
 def write_bytes(location: Location, data: bytes) -> None:
@@ -99,27 +111,14 @@ def is_file(location: Location) -> bool:
         return False
 
 
-def is_dir(location: Location) -> bool:
-    if not is_remote(location):
-        return Path(location).is_dir()
-    import pyarrow.fs
-
-    fs, path = filesystem(str(location))
-    return fs.get_file_info(path).type == pyarrow.fs.FileType.Directory
-
-
-def upload(local: Path, uri: str, last: tuple[str, ...] = ("manifest.jsonl", "corpus.json")) -> int:
+def upload(local: Path, uri: str, last: tuple[str, ...] = ("manifest.jsonl", "corpus.json")) -> None:
     """A local folder copied under `uri`, the files named in `last` after everything else: a
-    corpus whose upload is interrupted is not mistaken for a whole one. Returns bytes copied."""
+    corpus whose upload is interrupted is not mistaken for a whole one."""
     local = Path(local).resolve()
     files = sorted(p for p in local.rglob("*") if p.is_file())
     files.sort(key=lambda p: p.relative_to(local).as_posix() in last)
-    copied = 0
     for p in files:
-        data = p.read_bytes()
-        write_bytes(join(uri, p.relative_to(local).as_posix()), data)
-        copied += len(data)
-    return copied
+        write_bytes(join(uri, p.relative_to(local).as_posix()), p.read_bytes())
 
 
 def local_folder(storage_path: Location, name: str) -> Path:

@@ -166,13 +166,8 @@ def _shard_problem(path: "storage.Location", size: Optional[int]) -> Optional[st
     if size is not None and actual != size:
         return f"shard is unreadable or truncated ({actual} bytes; the corpus recorded {size})"
     try:
-        if storage.is_remote(path):
-            fs, key = storage.filesystem(str(path))
-            with fs.open_input_file(key) as f, zipfile.ZipFile(f) as zf:
-                names = set(zf.namelist())
-        else:
-            with zipfile.ZipFile(path) as zf:
-                names = set(zf.namelist())
+        with storage.open_input(path) as f, zipfile.ZipFile(f) as zf:
+            names = set(zf.namelist())
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         return f"shard is unreadable or truncated ({type(e).__name__}: {e})"
     missing = [a for a in SHARD_ARRAYS if a not in names]
@@ -227,21 +222,22 @@ class Corpus:
         man_path = storage.join(self.root, MANIFEST)
         if not storage.is_remote(self.root) and not self.root.is_dir():
             raise DataError(f"corpus folder {self.root} does not exist; create one with `avssl synth` or `avssl prepare`")
-        if not storage.is_file(meta_path) or not storage.is_file(man_path):
-            raise DataError(f"{self.root} is not a prepared corpus (no {CORPUS_META} / {MANIFEST})")
+        try:  # each file read once: on an object store an existence check first is a request more
+            meta_bytes, self._manifest_bytes = storage.read_bytes(meta_path), storage.read_bytes(man_path)
+        except (FileNotFoundError, IsADirectoryError):
+            raise DataError(f"{self.root} is not a prepared corpus (no {CORPUS_META} / {MANIFEST})") from None
         try:
-            self.meta = json.loads(storage.read_bytes(meta_path))
+            self.meta = json.loads(meta_bytes)
         except json.JSONDecodeError as e:
             raise DataError(f"{meta_path}: not valid JSON ({e})") from None
-        self.rows = self._read_manifest(man_path)
+        self.rows = self._read_manifest(man_path, self._manifest_bytes)
         if not self.rows:
             raise DataError(f"{man_path}: the manifest has no clips")
         self.shards = ShardCache(self.root)
 
-    def _read_manifest(self, path: "storage.Location") -> list[dict[str, Any]]:
+    def _read_manifest(self, path: "storage.Location", data: bytes) -> list[dict[str, Any]]:
         rows, seen = [], set()
-        self._manifest_bytes = storage.read_bytes(path)
-        for ln, line in enumerate(self._manifest_bytes.decode().splitlines(), 1):
+        for ln, line in enumerate(data.decode().splitlines(), 1):
             if not line.strip():
                 continue
             where = f"{path}:{ln}"
@@ -380,8 +376,8 @@ class Corpus:
             shards = self.meta.get("shards") or {}
             size, n_shards = sum(int(v.get("bytes", 0)) for v in shards.values()), len(shards)
         else:
-            size = sum(p.stat().st_size for p in (self.root / "shards").glob("*.npz"))
-            n_shards = len(list((self.root / "shards").glob("*.npz")))
+            files = list((self.root / "shards").glob("*.npz"))
+            size, n_shards = sum(p.stat().st_size for p in files), len(files)
         return {
             "name": self.name,
             "clips": len(self.rows),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -97,11 +96,10 @@ def resolve_source(spec: str, cfg: Config, tracker=None, seed: int = 0, like: Op
                              factory=fresh, encoder_config=enc_cfg, layer=layer)
     from avssl import storage
 
-    fetched = storage.fetch(spec) if storage.is_remote(spec) else None  # an encoder file in an object store
-    path = fetched or Path(spec)
-    if path.is_file():
+    path = storage.fetch(spec)  # an encoder file, here or in an object store (then a local copy)
+    if path is not None:
         enc, extra = load_encoder(path)
-        shown = spec if fetched else str(path.resolve())
+        shown = spec if storage.is_remote(spec) else str(path.resolve())
         name = str(extra.get("run_name") or path.parent.name or path.stem)
         return FeatureSource(name, "pretrained", Featurizer(enc, layer), cfg.evaluate.finetune, description=f"encoder file {shown}",
                              tags={"avssl.encoder_path": shown, "avssl.objective": str(extra.get("objective", ""))},
