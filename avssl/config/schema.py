@@ -229,6 +229,12 @@ class TrainConfig(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     elastic_min_workers: int = Field(0, ge=0, description="if >0, keep training with as few as this many workers")
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: object) -> object:
+        return "off" if v is False else v  # YAML reads a bare `off` (train.mixed_precision=off) as false
+
     checkpoint_every_steps: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every_steps: int = Field(10, ge=1)
@@ -298,6 +304,11 @@ class EvaluateConfig(Section):
     seeds: list[int] = Field([0, 1, 2, 3, 4], min_length=1)
     label_fraction: float = Field(1.0, gt=0.0, le=1.0)
     parallel: bool = Field(True, description="run evaluation jobs as Ray tasks (all cores; any node of a cluster)")
+    use_gpu: bool = Field(False, description="extract features and train heads on a GPU (each Ray task asks for gpus_per_task)")
+    gpus_per_task: float = Field(0.25, gt=0.0, le=1.0, description="with use_gpu: the GPU share of one evaluation task (heads are small: several share a GPU)")
+    feature_store: str = Field(
+        "", description="where frozen features are written once and reused by every seed, head and study (empty: <train.storage_path>/features)"
+    )
 
 
 class NoiseStudyConfig(Section):
