@@ -144,3 +144,22 @@ def fetch(location: Location) -> Optional[Path]:
     out = Path(tempfile.mkdtemp(prefix="avssl-fetch-")) / str(location).rsplit("/", 1)[-1]
     out.write_bytes(data)
     return out
+
+
+def copy_file(src: Location, dst: Location, chunk: int = 1 << 23) -> None:
+    """A file copied in chunks (memory: one chunk), either end local or in an object store; a local
+    destination appears whole (a temporary file, then a rename), an object when its upload ends."""
+    with open_input(src) as fin:
+        if is_remote(dst):
+            fs, path = filesystem(str(dst))
+            with fs.open_output_stream(path) as fout:
+                while block := fin.read(chunk):
+                    fout.write(block)
+            return
+        dst = Path(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fout:
+            while block := fin.read(chunk):
+                fout.write(block)
+        os.replace(tmp, dst)

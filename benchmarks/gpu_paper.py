@@ -10,9 +10,10 @@ model's training step (forward, backward, optimiser), not the loader; the loader
 measured separately. Peak memory is torch's allocator high-water mark for that configuration.
 
 Evaluation: an encoder of the paper architecture (taken from the av run above) read frozen by the
-emotion task's GRU head, with `evaluate.use_gpu` (features extracted and heads trained on the GPU)
-and without it (the CPU path, all of the machine's cores), one seed each; then a scratch encoder
-trained end to end with its head on the GPU.
+emotion task's GRU head, as one evaluation task runs it: with `evaluate.use_gpu` (features
+extracted into the feature store and the head trained on the GPU) and without it (one CPU thread,
+what a Ray evaluation task holds), one seed each; then a scratch encoder trained end to end with
+its head on the GPU.
 
 Runs without Ray or MLflow: what it measures is the work a Ray Train worker or an evaluation task
 does on its GPU.
@@ -77,38 +78,39 @@ def pretrain(pool: str, objective: str, batch: int, precision: str, steps: int, 
 
 
 def evaluate(emotion: str, encoder_file: Path, use_gpu: bool, spec: str, epochs: int) -> dict:
+    """One evaluation task as Ray runs it (`extract_features`, then `fit_seeds` for one seed: one CPU
+    thread, or the GPU with evaluate.use_gpu), without Ray."""
     import torch
 
     from avssl.config import load_config
     from avssl.data.corpus import Corpus
-    from avssl.evaluate.downstream import CLEAN, HeadTrainer, load_task_data
-    from avssl.evaluate.runner import make_task
+    from avssl.evaluate.downstream import CLEAN, load_task_data
+    from avssl.evaluate.runner import extract_features, fit_seeds, make_task
     from avssl.evaluate.sources import resolve_source
 
     cfg = load_config("paper", [f"evaluate.corpora.emotion={emotion}", f"evaluate.epochs={epochs}", "evaluate.min_steps=0",
                                 f"evaluate.use_gpu={str(use_gpu).lower()}"])
-    device = torch.device("cuda" if use_gpu else "cpu")
     corpus = Corpus(emotion)
     data = load_task_data(corpus, make_task("emotion", corpus))
     source = resolve_source(str(encoder_file) if spec == "pretrained" else spec, cfg, None, 0,
                             like=cfg.model.audio_encoder if spec == "scratch" else None)
-    trainer = HeadTrainer(source, data, cfg.evaluate, device=device)
     if use_gpu:
         torch.cuda.reset_peak_memory_stats()
     n = len(data.train) + len(data.val) + len(data.test)
-    extract_s = 0.0
+    extract_s, features = 0.0, None
     if not source.trainable:
         t = time.perf_counter()
-        for name in ("train", "val", "test"):
-            trainer.frozen_features(name, getattr(data, name), CLEAN, 0)
+        features = extract_features(source, data, cfg.evaluate, (CLEAN,))
         extract_s = time.perf_counter() - t
     t = time.perf_counter()
-    result = trainer.fit(0)
+    result = fit_seeds(source, data, cfg.evaluate, 1.0, (CLEAN,), (), [0], features)[0]
     fit_s = time.perf_counter() - t
-    out = {"source": spec, "device": device.type, "clips": n, "extract_s": extract_s, "extract_clips_per_s": n / extract_s if extract_s else None,
-           "fit_s": fit_s, "epochs_run": len(result.curves["train_loss"]), "test_uar": result.test["clean"]["uar"]}
+    out = {"source": spec, "device": "cuda" if use_gpu else "cpu (1 thread, as one Ray task)", "clips": n, "extract_s": extract_s,
+           "extract_clips_per_s": n / extract_s if extract_s else None, "fit_s": fit_s, "epochs_run": len(result.curves["train_loss"]),
+           "test_uar": result.test["clean"]["uar"]}
     if use_gpu:
         out["peak_alloc_gib"] = gib(torch.cuda.max_memory_allocated())
+    torch.set_num_threads(os.cpu_count() or 1)
     return out
 
 

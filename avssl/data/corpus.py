@@ -392,6 +392,60 @@ class Corpus:
         }
 
 
+@functools.lru_cache(maxsize=8)
+def open_corpus(root: str, digest: str) -> "Corpus":
+    """This process's handle on a corpus (its manifest parsed once, its shard cache kept): what a
+    lazy clip sequence shipped to a Ray task reads through. `digest` is the manifest digest the
+    sequence was made from: a corpus rewritten in place since then is an error, not other clips."""
+    corpus = Corpus(root)
+    if corpus.digest() != digest:
+        raise DataError(f"corpus {root} changed while it was being read (manifest digest {corpus.digest()}, expected {digest})")
+    return corpus
+
+
+class ClipAudio:
+    """The audio of some rows of a corpus, read when indexed: a sequence of float32 waves that
+    pickles as the corpus location and its rows, so a split of any size costs a few shards of memory
+    in each process that reads it. Reading in row order decodes each shard once; for shuffled
+    passes use `shard_windows` (shuffle shards, then clips within a few shards)."""
+
+    def __init__(self, corpus: "Corpus", rows: list[dict[str, Any]]):
+        self.root, self.digest, self.rows = str(corpus.root), corpus.digest(), rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        row = self.rows[int(i)]
+        shard = open_corpus(self.root, self.digest).shards.get(row["shard"])
+        k = int(row["shard_index"])
+        if shard.arrays["clip_ids"][k] != row["clip_id"]:
+            raise DataError(f"{shard.path}: entry {k} is '{shard.arrays['clip_ids'][k]}', manifest says '{row['clip_id']}'")
+        return shard.audio(k)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def subset(self, idx: "Iterable[int]") -> "ClipAudio":
+        out = ClipAudio.__new__(ClipAudio)
+        out.root, out.digest, out.rows = self.root, self.digest, [self.rows[int(i)] for i in idx]
+        return out
+
+    def shard_windows(self, rng: np.random.Generator, window: int = 2) -> np.ndarray:
+        """A shuffled order of all positions that decodes each shard once per pass: the shards in a
+        random order, cut into windows of `window` shards, the clips of each window shuffled."""
+        by_shard: dict[str, list[int]] = {}
+        for i, r in enumerate(self.rows):
+            by_shard.setdefault(r["shard"], []).append(i)
+        names = sorted(by_shard)
+        names = [names[j] for j in rng.permutation(len(names))]
+        order: list[np.ndarray] = []
+        for j in range(0, len(names), window):
+            block = np.array([i for n in names[j : j + window] for i in by_shard[n]], np.int64)
+            order.append(block[rng.permutation(len(block))])
+        return np.concatenate(order) if order else np.zeros(0, np.int64)
+
+
 class CorpusWriter:
     """Build a corpus in `<out>.partial/`; `finish()` writes the manifest and renames into place."""
 

@@ -1,9 +1,11 @@
 """Training and testing one downstream head (one method x task x seed).
 
-Frozen sources (hand features, frozen pretrained encoders) are computed once per split and noise
-condition and cached; trainable ones (scratch, fine-tuned) run end to end with the head. Early
-stopping keeps the epoch with the best validation score; test metrics are computed once, with that
-state, on every requested condition.
+Audio stays in the corpus shards and is read when a batch needs it (`ClipAudio`). Frozen sources
+(hand features, frozen pretrained encoders) are computed once per split and noise condition into
+the feature store and read back by every seed, head and study; trainable ones (scratch, fine-tuned)
+run end to end with the head, streaming clips shard by shard. Memory is a few shards and a batch,
+whatever the corpus size. Early stopping keeps the epoch with the best validation score; test
+metrics are computed once, with that state, on every requested condition.
 """
 
 from __future__ import annotations
@@ -11,15 +13,16 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from avssl.config.schema import EvaluateConfig
 from avssl.data.constants import HOP
-from avssl.data.corpus import Corpus
+from avssl.data.corpus import ClipAudio, Corpus
 from avssl.data.loader import collate
+from avssl.evaluate.features import FeatureSet, FeatureStore, feature_set_key
 from avssl.evaluate.metrics import confusion_matrix
 from avssl.evaluate.noise import BabblePool, Condition, condition_name, mix
 from avssl.evaluate.sources import FeatureSource
@@ -33,12 +36,20 @@ CLEAN: Condition = ("clean", None)
 @dataclass
 class SplitData:
     rows: list[dict[str, Any]]
-    waves: list[np.ndarray]
+    waves: Sequence[np.ndarray]  # a ClipAudio (read from the shards when indexed), or waves in memory
     targets: np.ndarray  # [N] class ids or [N, K] values
     frame_targets: Optional[list[np.ndarray]] = None  # per clip [T, K] (continuous affect)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def clips_digest(self) -> str:
+        import hashlib
+
+        if getattr(self, "_clips_digest", None) is None:
+            self._clips_digest = hashlib.sha256("\n".join(self.clip_ids).encode()).hexdigest()[:16]
+        return self._clips_digest
 
     @property
     def clip_ids(self) -> list[str]:
@@ -50,7 +61,14 @@ class SplitData:
 
     def subset(self, idx: np.ndarray) -> "SplitData":
         ft = [self.frame_targets[i] for i in idx] if self.frame_targets is not None else None
-        return SplitData([self.rows[i] for i in idx], [self.waves[i] for i in idx], self.targets[idx], ft)
+        waves = self.waves.subset(idx) if isinstance(self.waves, ClipAudio) else [self.waves[i] for i in idx]
+        return SplitData([self.rows[i] for i in idx], waves, self.targets[idx], ft)
+
+    def training_order(self, rng: np.random.Generator) -> np.ndarray:
+        """One shuffled pass: shard by shard when the audio is read from shards (each decoded once)."""
+        if isinstance(self.waves, ClipAudio):
+            return self.waves.shard_windows(rng)
+        return rng.permutation(len(self))
 
 
 @dataclass
@@ -63,7 +81,9 @@ class TaskData:
     babble_talkers: int = 4
     corpus_name: str = ""
     corpus_path: str = ""
-    cache: dict[tuple[str, str, str], list[torch.Tensor]] = field(default_factory=dict)
+    corpus_digest: str = ""
+    store: FeatureStore = field(default_factory=FeatureStore)
+    cache: dict[str, FeatureSet] = field(default_factory=dict)  # feature sets this process has opened, by key
 
 
 def test_noise_seed(cond: Condition) -> int:
@@ -74,8 +94,11 @@ def test_noise_seed(cond: Condition) -> int:
     return 10_000 + zlib.crc32(condition_name(cond).encode()) % 1_000_000
 
 
-def load_task_data(corpus: Corpus, task: Task, max_clips: int = 0, seed: int = 0, babble_talkers: int = 4) -> TaskData:
-    """Every labelled clip of the three splits, decoded once into memory."""
+def load_task_data(corpus: Corpus, task: Task, max_clips: int = 0, seed: int = 0, babble_talkers: int = 4,
+                   store: Optional[FeatureStore] = None) -> TaskData:
+    """The labelled clips of the three splits: rows, targets and per-frame targets in memory, audio
+    left in the shards (read when a batch needs it). `store`: where frozen features go (default: a
+    temporary folder of this process)."""
 
     def split(name: str) -> SplitData:
         rows = corpus.select(name, require=task.labels, max_clips=max_clips, seed=seed)
@@ -83,18 +106,24 @@ def load_task_data(corpus: Corpus, task: Task, max_clips: int = 0, seed: int = 0
             from avssl.errors import DataError
 
             raise DataError(f"corpus {corpus.root} has no '{name}' clips labelled with {', '.join(task.labels)} for task '{task.name}'")
-        clips = [corpus.load(r) for r in rows]
         targets = np.array([task.target(r) for r in rows])
         frame_targets = None
-        if task.kind == "regression" and all(all(k in c.frame_labels for k in task.labels) for c in clips):
-            frame_targets = [np.stack([c.frame_labels[k] for k in task.labels], 1) for c in clips]
-        return SplitData(rows, [c.audio for c in clips], targets, frame_targets)
+        if task.kind == "regression":  # per-frame labels (continuous affect): small, read clip by clip
+            per_clip = []
+            for r in rows:
+                labels = corpus.load(r).frame_labels
+                if not all(k in labels for k in task.labels):
+                    per_clip = None
+                    break
+                per_clip.append(np.stack([labels[k] for k in task.labels], 1))
+            frame_targets = per_clip
+        return SplitData(rows, ClipAudio(corpus, rows), targets, frame_targets)
 
     data = TaskData(task, split("train"), split("val"), split("test"), babble_talkers=babble_talkers,
-                    corpus_name=corpus.name, corpus_path=str(corpus.root))
+                    corpus_name=corpus.name, corpus_path=str(corpus.root), corpus_digest=corpus.digest(), store=store or FeatureStore())
     # Babble: training and validation speakers' utterances (never the test split); a clip's own
     # speaker is left out when its babble is drawn.
-    data.babble_pool = BabblePool.from_split(data.train.waves + data.val.waves, data.train.speakers + data.val.speakers,
+    data.babble_pool = BabblePool.from_split(ClipAudio(corpus, data.train.rows + data.val.rows), data.train.speakers + data.val.speakers,
                                              data.train.clip_ids + data.val.clip_ids)
     return data
 
@@ -132,11 +161,11 @@ def fraction_of(split: SplitData, fraction: float, seed: int) -> SplitData:
     return split.subset(np.array(sorted(keep)))
 
 
-def feature_key(source: FeatureSource, split: SplitData, cond: Condition, noise_seed: int) -> tuple[str, str, str]:
-    import zlib
-
-    clips = zlib.crc32("\n".join(r["clip_id"] for r in split.rows).encode())
-    return (f"{source.name}:{source.kind}:{source.layer}", condition_name(cond), f"{noise_seed}:{clips}")
+def feature_key(source: FeatureSource, data: TaskData, split: SplitData, cond: Condition, noise_seed: int) -> str:
+    """The feature store's key of a frozen source's features of some clips under a condition:
+    everything that decides them (the babble settings only when there is babble)."""
+    babble = f"babble x{data.babble_talkers}" if cond[0] == "babble" and cond[1] is not None else ""
+    return feature_set_key(source.digest(), data.corpus_digest, split.clips_digest, condition_name(cond), noise_seed, babble)
 
 
 def _batch_waves(split: SplitData, idx: np.ndarray) -> dict[str, torch.Tensor]:
@@ -166,15 +195,22 @@ class HeadTrainer:
 
     def feature_norm(self, module: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension mean/std of the source's features over the clean training clips: an encoder's
-        scale is arbitrary, and the head should not have to learn it. Frozen sources use their cached
-        features; a trainable encoder (scratch, fine-tuned) is measured once, at its initial weights,
-        and keeps that fixed normalisation while it trains (the same input as the frozen path)."""
+        scale is arbitrary, and the head should not have to learn it. Frozen sources use their stored
+        features' statistics; a trainable encoder (scratch, fine-tuned) is measured once, at its
+        initial weights, and keeps that fixed normalisation while it trains (the same input as the
+        frozen path). Both are running sums: nothing of the size of the split is held."""
         if module is not None:
-            frames = torch.cat(self._features(module, self.data.train, CLEAN, 0))
-            return frames.mean(0), frames.std(0).clamp_min(1e-5)
+            n, s1, s2 = 0, 0.0, 0.0
+            for feats in self._features(module, self.data.train, CLEAN, 0):
+                for x in feats:
+                    x = x.double()
+                    n, s1, s2 = n + len(x), s1 + x.sum(0), s2 + (x * x).sum(0)
+            mean = s1 / n
+            std = ((s2 / n - mean**2).clamp_min(0) * n / max(1, n - 1)).sqrt()
+            return mean.float(), std.float().clamp_min(1e-5)
         if self._norm is None:
-            frames = torch.cat(self.frozen_features("train", self.data.train, CLEAN, 0))
-            self._norm = (frames.mean(0), frames.std(0).clamp_min(1e-5))
+            fs = self.frozen_features("train", self.data.train, CLEAN, 0)
+            self._norm = (torch.tensor(fs.mean), torch.tensor(fs.std))  # (copies: arrays from Ray are read-only)
         return self._norm
 
     # -- features ---------------------------------------------------------------------------
@@ -183,28 +219,42 @@ class HeadTrainer:
                    [str(split.rows[i]["speaker"]) for i in idx], self.data.babble_pool, self.data.babble_talkers)
 
     @torch.no_grad()
-    def _features(self, module: torch.nn.Module, split: SplitData, cond: Condition, noise_seed: int) -> list[torch.Tensor]:
+    def _features(self, module: torch.nn.Module, split: SplitData, cond: Condition, noise_seed: int) -> Iterator[list[torch.Tensor]]:
+        """[T, D] per clip, a batch at a time, in the split's order (each shard decoded once)."""
         was_training = module.training
         module = module.to(self.device).eval()
-        out: list[torch.Tensor] = []
         bs = 32
-        for i in range(0, len(split), bs):
-            idx = np.arange(i, min(i + bs, len(split)))
-            batch = _batch_waves(split, idx)
-            feats = module(self._noisy(batch, split, idx, cond, noise_seed).to(self.device)).float().cpu()
-            out += [feats[j, : int(batch["lengths"][j])].clone() for j in range(len(idx))]  # a view would pickle the whole batch
-        module.train(was_training)
-        return out
+        try:
+            for i in range(0, len(split), bs):
+                idx = np.arange(i, min(i + bs, len(split)))
+                batch = _batch_waves(split, idx)
+                feats = module(self._noisy(batch, split, idx, cond, noise_seed).to(self.device)).float().cpu()
+                yield [feats[j, : int(batch["lengths"][j])].clone() for j in range(len(idx))]
+        finally:
+            module.train(was_training)
 
-    def frozen_features(self, split_name: str, split: SplitData, cond: Condition, noise_seed: int) -> list[torch.Tensor]:
-        """[T, D] per clip, computed once per (split, condition) and cached."""
+    def frozen_features(self, split_name: str, split: SplitData, cond: Condition, noise_seed: int) -> FeatureSet:
+        """A frozen source's features of a split under a condition: from this process's sets, else the
+        feature store, else computed once into the store. A label fraction of the training split is a
+        view of the whole split's clean features."""
         key = self._cache_key(split, cond, noise_seed)
-        if key not in self.data.cache:
-            self.data.cache[key] = self._features(self.source.module, split, cond, noise_seed)
-        return self.data.cache[key]
+        if key in self.data.cache:
+            return self.data.cache[key]
+        train = self.data.train
+        if split is not train and split_name == "train" and cond == CLEAN and noise_seed == 0 and len(split) < len(train):
+            full = self.frozen_features("train", train, CLEAN, 0)
+            pos = {cid: i for i, cid in enumerate(train.clip_ids)}
+            if all(c in pos for c in split.clip_ids):
+                self.data.cache[key] = full.subset(pos[c] for c in split.clip_ids)
+                return self.data.cache[key]
+        fs = self.data.store.get(key)
+        if fs is None:
+            fs = self.data.store.write(key, self._features(self.source.module, split, cond, noise_seed))
+        self.data.cache[key] = fs
+        return fs
 
-    def _cache_key(self, split: SplitData, cond: Condition, noise_seed: int) -> tuple[str, str, str]:
-        return feature_key(self.source, split, cond, noise_seed)
+    def _cache_key(self, split: SplitData, cond: Condition, noise_seed: int) -> str:
+        return feature_key(self.source, self.data, split, cond, noise_seed)
 
     def _targets(self, split: SplitData, idx: np.ndarray) -> torch.Tensor:
         y = torch.as_tensor(split.targets[idx])
@@ -220,11 +270,11 @@ class HeadTrainer:
         return out
 
     # -- one pass -----------------------------------------------------------------------------
-    def _forward(self, encoder, head, split: SplitData, idx: np.ndarray, feats: Optional[list[torch.Tensor]], cond: Condition, noise_seed: int,
+    def _forward(self, encoder, head, split: SplitData, idx: np.ndarray, feats: Optional[FeatureSet], cond: Condition, noise_seed: int,
                  norm: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
         if feats is not None:
             mean, std = self.feature_norm()
-            seq = [(feats[i] - mean) / std for i in idx]
+            seq = [(feats.clip(i) - mean) / std for i in idx]
             lengths = torch.tensor([len(x) for x in seq])
             x = torch.nn.utils.rnn.pad_sequence(seq, batch_first=True)
         else:
@@ -279,7 +329,7 @@ class HeadTrainer:
         initial values, so an encoder scored in eval mode would see statistics of other weights."""
         from avssl.models import recalibrate_batchnorm
 
-        waves = [_batch_waves(train, np.arange(i, min(i + 32, len(train))))["wave"] for i in range(0, len(train), 32)]
+        waves = (_batch_waves(train, np.arange(i, min(i + 32, len(train))))["wave"] for i in range(0, len(train), 32))
         recalibrate_batchnorm(encoder, waves, self.device)
 
     def _optimizer(self, head: torch.nn.Module, encoder: Optional[torch.nn.Module]) -> torch.optim.Optimizer:
@@ -324,7 +374,8 @@ class HeadTrainer:
             feats = None
             if encoder is None:
                 feats = self.frozen_features("train", train, train_cond, noise_seed)
-            order = np.concatenate([rng.permutation(len(train)) for _ in range(passes)])
+            # Trainable sources read audio: shard by shard. Frozen ones read stored features: any order.
+            order = np.concatenate([train.training_order(rng) if encoder is not None else rng.permutation(len(train)) for _ in range(passes)])
             losses, preds = [], np.zeros((len(train), self.task.out_dim), np.float32)
             for i in range(0, len(order), self.cfg.batch_size):
                 idx = order[i : i + self.cfg.batch_size]
@@ -340,7 +391,9 @@ class HeadTrainer:
             if encoder is not None:
                 self._recalibrate(encoder, train)
             if noisy_training and encoder is None:  # one-off noisy features: do not keep them
-                self.data.cache.pop(self._cache_key(train, train_cond, noise_seed), None)
+                key = self._cache_key(train, train_cond, noise_seed)
+                self.data.cache.pop(key, None)
+                self.data.store.discard(key)
             train_score = self.task.score(train.targets, preds)[primary]
             val_metrics, _ = self.score(encoder, head, "val", self.data.val, CLEAN, 0, norm)
             curves["train_loss"].append(float(np.mean(losses)))

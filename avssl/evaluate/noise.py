@@ -53,13 +53,19 @@ class BabblePool:
     clip_ids: list[str]
 
     @classmethod
-    def from_split(cls, waves: Sequence[np.ndarray], speakers: Sequence[str], clip_ids: Sequence[str], per_speaker: int = 8) -> "BabblePool":
-        """Up to `per_speaker` clips from every speaker (speaker-diverse, deterministic)."""
+    def from_split(cls, waves: Sequence[np.ndarray], speakers: Sequence[str], clip_ids: Sequence[str], per_speaker: int = 8,
+                   max_speakers: int = 64) -> "BabblePool":
+        """Up to `per_speaker` clips from each of up to `max_speakers` speakers, spread evenly over the
+        sorted speakers: speaker-diverse, deterministic, and a bounded memory whatever the corpus
+        size (only these clips are read from `waves`)."""
         keep: dict[str, list[int]] = {}
         for i, s in enumerate(speakers):
             if len(keep.setdefault(s, [])) < per_speaker:
                 keep[s].append(i)
-        idx = [i for s in sorted(keep) for i in keep[s]]
+        chosen = sorted(keep)
+        if len(chosen) > max_speakers:
+            chosen = [chosen[int(j)] for j in np.linspace(0, len(chosen) - 1, max_speakers).round()]
+        idx = [i for s in chosen for i in keep[s]]
         return cls([np.asarray(waves[i], np.float32) for i in idx], [speakers[i] for i in idx], [clip_ids[i] for i in idx])
 
     def babble(self, n: int, speaker: Optional[str], talkers: int, gen: torch.Generator) -> torch.Tensor:

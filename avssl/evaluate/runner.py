@@ -11,7 +11,8 @@ import numpy as np
 from avssl.config.loader import flatten
 from avssl.config.schema import Config, EvaluateConfig, task_corpus
 from avssl.data.corpus import Corpus
-from avssl.evaluate.downstream import CLEAN, HeadResult, HeadTrainer, TaskData, feature_key, load_task_data, test_noise_seed
+from avssl.evaluate.downstream import CLEAN, HeadResult, HeadTrainer, TaskData, load_task_data, test_noise_seed
+from avssl.evaluate.features import FeatureStore
 from avssl.evaluate.noise import Condition
 from avssl.evaluate.sources import FeatureSource, encoder_signature, resolve_source
 from avssl.evaluate.tasks import TASKS, Task
@@ -23,9 +24,47 @@ def make_task(name: str, corpus: Corpus) -> Task:
     return cls(corpus.label_values(cls.labels[0]) if cls.kind == "classification" else None)
 
 
+def feature_store(cfg: Config) -> FeatureStore:
+    """`evaluate.feature_store`, else `features/` under the runs' storage path (local or object store)."""
+    from avssl import storage
+
+    return FeatureStore(cfg.evaluate.feature_store or storage.join(cfg.train.storage_path, "features"))
+
+
+def eval_device(ev: EvaluateConfig):
+    """The torch device of evaluation work in this process: a GPU with `evaluate.use_gpu`."""
+    import torch
+
+    if not ev.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        from avssl.errors import ConfigError
+
+        raise ConfigError("evaluate.use_gpu=true, but this process sees no CUDA GPU (a CUDA build of torch and a GPU are needed); "
+                          "set evaluate.use_gpu=false to evaluate on CPUs")
+    return torch.device("cuda")
+
+
+def check_eval_resources(ev: EvaluateConfig, parallel: bool) -> None:
+    """Before any compute: a GPU evaluation needs a GPU where it will run (the Ray cluster, or here)."""
+    if not ev.use_gpu:
+        return
+    if not parallel:
+        eval_device(ev)
+        return
+    import ray
+
+    from avssl.errors import ConfigError
+
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    if gpus < ev.gpus_per_task:
+        raise ConfigError(f"evaluate.use_gpu=true asks {ev.gpus_per_task:g} GPU per evaluation task, but the Ray cluster has {gpus:g} GPUs; "
+                          "set evaluate.use_gpu=false, or start Ray where there is a GPU")
+
+
 class TaskDataCache:
-    """Decoded labelled splits of each task's own corpus (`evaluate.corpora`), shared by every method
-    evaluated in one process."""
+    """The labelled splits of each task's own corpus (`evaluate.corpora`: rows and targets; audio
+    stays in the shards), shared by every method evaluated in one process, with the feature store."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -41,7 +80,8 @@ class TaskDataCache:
     def get(self, task_name: str) -> TaskData:
         if task_name not in self._data:
             corpus = self.corpus(task_name)
-            self._data[task_name] = load_task_data(corpus, make_task(task_name, corpus), babble_talkers=self.cfg.study.noise.babble_talkers)
+            self._data[task_name] = load_task_data(corpus, make_task(task_name, corpus), babble_talkers=self.cfg.study.noise.babble_talkers,
+                                                   store=feature_store(self.cfg))
         return self._data[task_name]
 
 
@@ -109,12 +149,13 @@ class EvalJob:
 
 
 def extract_features(source: FeatureSource, data: TaskData, ev: EvaluateConfig, test_conditions: tuple[Condition, ...]) -> dict:
-    """A frozen source's features, once per (split, condition): clean train and validation clips and
-    the test clips under every test condition. Every seed's head then trains from these."""
+    """A frozen source's features, once per (split, condition), into the feature store: clean train
+    and validation clips and the test clips under every test condition. Returns the sets' handles
+    (file locations and clip offsets); every seed's head then reads from these."""
     import torch
 
     torch.set_num_threads(1)
-    trainer = HeadTrainer(source, data, ev)
+    trainer = HeadTrainer(source, data, ev, device=eval_device(ev))
     trainer.frozen_features("train", data.train, CLEAN, 0)
     trainer.frozen_features("val", data.val, CLEAN, 0)
     for cond in test_conditions:
@@ -125,7 +166,8 @@ def extract_features(source: FeatureSource, data: TaskData, ev: EvaluateConfig, 
 def fit_seeds(source: FeatureSource, data: TaskData, ev: EvaluateConfig, fraction: float, test_conditions: tuple[Condition, ...], train_conditions: tuple[Condition, ...],
               seeds: Optional[list[int]] = None, features: Optional[dict] = None, val_se: bool = False) -> list[HeadResult]:
     """The work of one job (or of one of its seeds); runs in a Ray task or in-process. `features`:
-    a frozen source's precomputed features (from `extract_features`), shared by all seeds."""
+    a frozen source's feature sets (from `extract_features`), shared by all seeds; a label fraction
+    reads its clips from the whole training split's set."""
     import torch
 
     from avssl.evaluate.downstream import fraction_of
@@ -133,14 +175,10 @@ def fit_seeds(source: FeatureSource, data: TaskData, ev: EvaluateConfig, fractio
     torch.set_num_threads(1)
     if features:
         data.cache.update(features)
-    trainer = HeadTrainer(source, data, ev)
+    trainer = HeadTrainer(source, data, ev, device=eval_device(ev))
     out = []
     for seed in (seeds or ev.seeds):
         train = fraction_of(data.train, fraction, seed)
-        if features and train is not data.train:  # a label fraction: its clips' features, picked from the full set
-            full = data.cache[feature_key(source, data.train, CLEAN, 0)]
-            pos = {cid: i for i, cid in enumerate(data.train.clip_ids)}
-            data.cache[feature_key(source, train, CLEAN, 0)] = [full[pos[c]] for c in train.clip_ids]
         out.append(trainer.fit(seed, train, test_conditions, train_conditions, val_se=val_se))
     return out
 
@@ -230,18 +268,22 @@ def _log_job(job: EvalJob, run_id: str, results: list[HeadResult], cfg: Config, 
 def run_jobs(jobs: list[EvalJob], cfg: Config, tracker: Tracker, data_cache: TaskDataCache, on_done=None) -> list[EvalSummary]:
     """Run evaluation jobs, as Ray tasks when there are several (both cores locally, any node on a
     cluster); MLflow runs are created and logged by this process. Results keep the jobs' order."""
+    seeds = cfg.evaluate.seeds
+    parallel = cfg.evaluate.parallel and len(jobs) * len(seeds) > 1
+    if parallel:
+        from avssl.runtime import ensure_ray
+
+        ensure_ray(cfg.train.ray_address)
+    check_eval_resources(cfg.evaluate, parallel)  # before any run is opened
     runs = [_start_job_run(job, cfg, tracker, data_cache) for job in jobs]
     summaries: list[Optional[EvalSummary]] = [None] * len(jobs)
-    seeds = cfg.evaluate.seeds
     try:
-        if cfg.evaluate.parallel and len(jobs) * len(seeds) > 1:
+        if parallel:
             import ray
 
-            from avssl.runtime import ensure_ray
-
-            ensure_ray(cfg.train.ray_address)
-            remote = ray.remote(num_cpus=1, max_retries=1)(fit_seeds)
-            extract = ray.remote(num_cpus=1, max_retries=1)(extract_features)
+            gpus = cfg.evaluate.gpus_per_task if cfg.evaluate.use_gpu else 0
+            remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(fit_seeds)
+            extract = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(extract_features)
             refs = {task: ray.put(data_cache.get(task)) for task in {j.task for j in jobs}}
             # Frozen sources: features once per (source, task) for every condition any job tests.
             feature_refs: dict[tuple, Any] = {}

@@ -50,6 +50,7 @@ class FeatureSource:
     factory: Optional[Callable[[int], nn.Module]] = None  # a fresh module per seed, if trainable
     encoder_config: Optional[AudioEncoderConfig] = None  # the encoder's architecture (pretrained, scratch)
     layer: str = "-"
+    _digest: Optional[str] = field(default=None, repr=False, compare=False)
 
     @property
     def dim(self) -> int:
@@ -58,6 +59,19 @@ class FeatureSource:
     @property
     def n_layers(self) -> int:
         return int(getattr(self.module, "n_layers", 1))
+
+    def digest(self) -> str:
+        """What decides a frozen source's features: kind, layer, module type and weights (hand
+        features: their name). The feature store's keys start from it."""
+        if self._digest is None:
+            import hashlib
+
+            h = hashlib.sha256(f"{self.kind}:{self.layer}:{type(self.module).__name__}:{getattr(self.module, 'kind', '')}".encode())
+            for name, value in sorted(self.module.state_dict().items()):
+                h.update(name.encode())
+                h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._digest = h.hexdigest()[:16]
+        return self._digest
 
     def architecture(self) -> dict[str, str]:
         """Params describing the encoder (empty for hand features)."""

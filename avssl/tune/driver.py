@@ -54,11 +54,13 @@ def _downstream(cfg: Config, trial: TrialSettings, encoder_path: Optional[str], 
     holds the trial's CPUs, else in a Ray task that holds them."""
     import ray
 
+    from avssl.evaluate.features import FeatureStore
     from avssl.evaluate.runner import TaskDataCache, fit_seeds
     from avssl.evaluate.sources import resolve_source
 
     source = resolve_source(encoder_path if trial.encoder == "pretrained" else "scratch", cfg, seed=cfg.seed)
     data = TaskDataCache(cfg).get(trial.task)
+    data.store = FeatureStore()  # a trial's encoder is its own: its features are not kept for reuse
     args = (source, data, cfg.evaluate, cfg.evaluate.label_fraction, (("clean", None),), (), [cfg.seed])
     if in_process:
         result = fit_seeds(*args, val_se=True)[0]
