@@ -85,13 +85,14 @@ def evaluate(emotion: str, encoder_file: Path, use_gpu: bool, spec: str, epochs:
     from avssl.config import load_config
     from avssl.data.corpus import Corpus
     from avssl.evaluate.downstream import CLEAN, load_task_data
+    from avssl.evaluate.features import FeatureStore
     from avssl.evaluate.runner import extract_features, fit_seeds, make_task
     from avssl.evaluate.sources import resolve_source
 
     cfg = load_config("paper", [f"evaluate.corpora.emotion={emotion}", f"evaluate.epochs={epochs}", "evaluate.min_steps=0",
                                 f"evaluate.use_gpu={str(use_gpu).lower()}"])
     corpus = Corpus(emotion)
-    data = load_task_data(corpus, make_task("emotion", corpus))
+    data = load_task_data(corpus, make_task("emotion", corpus), store=FeatureStore(tempfile.mkdtemp()))  # each run extracts its own
     source = resolve_source(str(encoder_file) if spec == "pretrained" else spec, cfg, None, 0,
                             like=cfg.model.audio_encoder if spec == "scratch" else None)
     if use_gpu:
