@@ -135,13 +135,13 @@ def fetch(location: Location) -> Optional[Path]:
     """A file as a local path: itself when local, else a temporary copy; None when it is not there."""
     if not is_remote(location):
         return Path(location) if Path(location).is_file() else None
-    import tempfile
+    from avssl import scratch
 
     try:
         data = read_bytes(location)
     except FileNotFoundError:
         return None
-    out = Path(tempfile.mkdtemp(prefix="avssl-fetch-")) / str(location).rsplit("/", 1)[-1]
+    out = scratch.folder("fetch-") / str(location).rsplit("/", 1)[-1]
     out.write_bytes(data)
     return out
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import threading
 import time
 import urllib.error
@@ -250,7 +249,9 @@ class Tracker:
             raise TrackingError(f"no MLflow run '{run_id}' in {self.uri} ({type(e).__name__})") from None
 
     def download(self, run_id: str, artifact_path: str, dst: Optional[Path] = None) -> Path:
-        dst = dst or Path(tempfile.mkdtemp(prefix="avssl-artifact-"))
+        from avssl import scratch
+
+        dst = dst or scratch.folder("artifact-")
         try:
             return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
         except Exception as e:
@@ -342,7 +343,9 @@ class Tracker:
             raise ConfigError(f"'{uri}': no such registered model version in {self.uri}; registered models: {', '.join(known) or 'none'}") from None
         import mlflow.artifacts
 
-        dst = Path(tempfile.mkdtemp(prefix="avssl-model-"))
+        from avssl import scratch
+
+        dst = scratch.folder("model-")
         with _process_uris(self.uri):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst)))
         found = sorted(local.rglob("encoder.pt"))
@@ -399,6 +402,7 @@ class RunLogger:
         self.lost = 0
         self.failures = 0
         self.kept_locally: list[str] = []
+        self._rendered: set[str] = set()
         self._warned = False
         self._client = None
         if connect_now:
@@ -430,12 +434,23 @@ class RunLogger:
 
     def figure(self, figure: Any, path: str) -> None:
         """Render now (matplotlib is not thread-safe), upload later."""
-        tmp = Path(tempfile.mkdtemp(prefix="avssl-fig-")) / Path(path).name
+        from avssl import scratch
+
+        tmp = scratch.folder("fig-") / Path(path).name
         figure.savefig(tmp, dpi=110, bbox_inches="tight")
         import matplotlib.pyplot as plt
 
         plt.close(figure)
+        self._rendered.add(str(tmp))
         self.artifact(tmp, str(Path(path).parent) if Path(path).parent != Path(".") else None)
+
+    def _discard_rendered(self, local: str) -> None:
+        """A figure file this logger rendered, once uploaded (or kept locally): removed."""
+        if local in self._rendered:
+            import shutil
+
+            self._rendered.discard(local)
+            shutil.rmtree(Path(local).parent, ignore_errors=True)
 
     def artifact(self, local: Path, artifact_path: Optional[str] = None) -> None:
         with self._lock:
@@ -457,6 +472,7 @@ class RunLogger:
                 local, path = uploads[0]
                 self.client.log_artifact(self.run_id, local, path)
                 uploads.pop(0)
+                self._discard_rendered(local)
             if self.failures:
                 log.warning("MLflow at %s is reachable again; buffered metrics were sent", self.uri)
             self.failures = 0
@@ -511,6 +527,8 @@ class RunLogger:
             self._metrics = []
             for local, path in self._uploads:
                 self.kept_locally.append(self._keep_locally(local, path))
+                if self.fallback_dir is not None:
+                    self._discard_rendered(local)
             self._uploads = []
         return {"sent": self.sent, "lost": self.lost, "kept_locally": self.kept_locally}
 

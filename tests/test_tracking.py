@@ -120,3 +120,38 @@ def test_the_report_lists_trials_that_vary_different_fields(tmp_path):
     text = search_table(tracker, tmp_path / "report", parent)
     rows = [line for line in text.splitlines() if line.startswith("| t") and not line.startswith("| trial")]
     assert len(rows) == 2 and "scratch" in rows[1] and "| - |" in rows[1], text
+
+
+def test_temporary_files_are_removed_once_sent_and_at_exit(tmp_path):
+    """Figures, downloaded artifacts and exported encoders go to a per-process scratch folder: a
+    rendered figure is removed once uploaded, and the folder itself when the process exits (repeated
+    runs used to leave one temporary folder per figure and per download behind)."""
+    import os
+    import subprocess
+    import sys
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from avssl import scratch
+    from avssl.tracking import RunLogger
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "avssl")
+    run_id = tracker.start_run("r", {"avssl.kind": "pretrain"})
+    logger = RunLogger(tracker.uri, run_id, flush_every_s=3600, fallback_dir=tmp_path / "unsent")
+    fig = plt.figure()
+    logger.figure(fig, "figs/a.png")
+    (rendered,) = logger._rendered
+    assert os.path.exists(rendered)
+    assert logger.sync(timeout_s=30)
+    assert not os.path.exists(rendered), "an uploaded figure's temporary file is removed"
+    assert [a.path for a in tracker.client.list_artifacts(run_id, "figs")] == ["figs/a.png"]
+    downloaded = tracker.download(run_id, "figs/a.png")
+    assert downloaded.is_file() and scratch._ROOTS[os.getpid()] in downloaded.parents
+    logger.close()
+
+    code = "from avssl import scratch; d = scratch.folder('x-'); (d / 'f').write_text('1'); print(d)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out and not os.path.exists(out) and not os.path.exists(os.path.dirname(out))

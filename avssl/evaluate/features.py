@@ -15,11 +15,8 @@ it reads to its own temporary folder, in chunks.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -88,15 +85,17 @@ class FeatureSet:
             yield self.clip(i)
 
 
-_SCRATCH: dict[str, Path] = {}
+_SCRATCH: dict[tuple[int, str], Path] = {}
 
 
 def _scratch_dir(tag: str) -> Path:
     """A folder of this process's own, removed when it exits (local copies, an unnamed store)."""
-    if tag not in _SCRATCH:
-        _SCRATCH[tag] = Path(tempfile.mkdtemp(prefix=f"avssl-{tag}-"))
-        atexit.register(shutil.rmtree, _SCRATCH[tag], True)
-    return _SCRATCH[tag]
+    from avssl import scratch
+
+    key = (os.getpid(), tag)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = scratch.folder(f"{tag}-")
+    return _SCRATCH[key]
 
 
 class FeatureStore:
@@ -194,6 +193,6 @@ class FeatureStore:
                     pass
             else:
                 Path(location).unlink(missing_ok=True)
-        copy = _SCRATCH.get("feature-copies")
+        copy = _SCRATCH.get((os.getpid(), "feature-copies"))
         if copy is not None:
             (copy / f"{key}.f32").unlink(missing_ok=True)

@@ -508,10 +508,21 @@ def _export(cfg: Config, config: dict[str, Any], raw: AVSSLModel, corpus: Corpus
     to `encoder_dir`), logged as the run's artifact with the final metrics; the logger closed."""
     calib = [b["wave"] for _, b in iterate_rows(corpus, rows_for_pretraining(corpus, 1.0, cfg.seed, max_clips=256), 32)]
     recalibrate_batchnorm(raw.audio_encoder, calib, device)
-    out = Path(tempfile.mkdtemp(prefix="avssl-encoder-")) / ENCODER_FILE
+    from avssl import scratch
+
+    out = scratch.folder("encoder-") / ENCODER_FILE
     save_encoder(raw.audio_encoder, cfg.model.audio_encoder, out, extra={"step": state.step, "objective": cfg.objective.name, "run_name": cfg.run_name})
     if config.get("encoder_dir"):
         storage.write_bytes(storage.join(config["encoder_dir"], ENCODER_FILE), out.read_bytes())
+    try:
+        _log_export(cfg, logger, out, state)
+    finally:
+        import shutil
+
+        shutil.rmtree(out.parent, ignore_errors=True)  # sent, copied to encoder_dir, or kept locally by the logger
+
+
+def _log_export(cfg: Config, logger: Any, out: Path, state: TrainState) -> None:
     if logger is None:
         return
     logger.metrics({"final/steps": state.step, "final/samples_per_s": state.samples / max(state.train_seconds, 1e-9),
