@@ -110,3 +110,30 @@ def test_studies_and_report_read_from_mlflow(setup):
         assert "mfcc" in md and " [" in md and "95 %" in md  # every cell: estimate [low, high]
         assert open(f"{out}/{name}.csv").read().startswith("method,")
     assert "snr_white.png" in r["figures"] and "fraction.png" in r["figures"]
+
+
+def test_jobs_that_train_the_same_head_train_it_once(setup, monkeypatch):
+    """The main table's job, the noise study's and the dataset-size study's full-label job of one
+    method train identical heads: one training, tested under the union of their conditions, each
+    job its own run with its own conditions and the same numbers as if it had trained alone."""
+    from mlflow.tracking import MlflowClient
+
+    from avssl.evaluate.downstream import HeadTrainer
+    from avssl.evaluate.runner import EvalJob, run_jobs
+
+    cfg, tracker, cache = setup
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"parallel": False, "seeds": [0]})})
+    fits = []
+    fit = HeadTrainer.fit
+    monkeypatch.setattr(HeadTrainer, "fit", lambda self, *a, **k: fits.append(a) or fit(self, *a, **k))
+    noisy = (("clean", None), ("white", 10.0))
+    jobs = [EvalJob(resolve_source("mfcc", cfg), "emotion"), EvalJob(resolve_source("mfcc", cfg), "emotion", test_conditions=noisy),
+            EvalJob(resolve_source("mfcc", cfg), "emotion", label_fraction=0.5)]
+    main, noise, half = run_jobs(jobs, cfg, tracker, cache)
+    assert len(fits) == 2, "the full-label jobs share one training; the half-label job trains its own"
+    client = MlflowClient(tracker.uri)
+    assert "noise/white_10dB/uar_mean" in client.get_run(noise.run_id).data.metrics
+    assert not any(k.startswith("noise/") for k in client.get_run(main.run_id).data.metrics)
+    assert main.metrics["test/uar_mean"] == noise.metrics["test/uar_mean"]
+    alone = run_jobs([EvalJob(resolve_source("mfcc", cfg), "emotion")], cfg, tracker, cache)[0]
+    assert alone.metrics["test/uar_mean"] == main.metrics["test/uar_mean"]

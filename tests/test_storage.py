@@ -133,11 +133,13 @@ def test_pretrain_and_evaluate_on_s3_with_a_killed_worker_resuming_from_an_s3_ch
 
     t = time.perf_counter()
     cfg = load_config("tiny", [*TINY_TRAIN, f"tracking.uri={store}", f"evaluate.corpora.emotion=s3://{BUCKET}/corpora/synth",
-                               "evaluate.seeds=[0]", "evaluate.epochs=2", "evaluate.tasks=[emotion]"])
+                               "evaluate.seeds=[0]", "evaluate.epochs=2", "evaluate.tasks=[emotion]", f"train.storage_path=s3://{BUCKET}/runs"])
     tracker = Tracker.from_config(cfg.tracking)
     source = resolve_source(f"s3://{BUCKET}/runs/s3run/encoder.pt", cfg, tracker)
     summary = evaluate_source(source, "emotion", cfg, tracker, TaskDataCache(cfg))
     assert 0.0 <= summary.metrics["test/uar_mean"] <= 1.0 and source.tags["avssl.encoder_path"].startswith("s3://")
+    stored = _keys("runs/features/")  # the frozen features went to the bucket's feature store: data and index per split
+    assert len([k for k in stored if k.endswith(".f32")]) == 3 and len([k for k in stored if k.endswith(".npz")]) == 3, stored
     steps["evaluate"] = time.perf_counter() - t
     print(f"\ns3 end to end: upload {steps['upload']:.1f} s; pretrain {steps['pretrain']:.1f} s with rank 0 killed at s3 checkpoint "
           f"step {killed['step']} ({killed['at']:.1f} s in), resumed from step {resumed[0]:.0f}; evaluate {steps['evaluate']:.1f} s; "

@@ -4,6 +4,7 @@ evaluation an MLflow run (a child of the encoder's pretraining run when there is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -28,7 +29,8 @@ def feature_store(cfg: Config) -> FeatureStore:
     """`evaluate.feature_store`, else `features/` under the runs' storage path (local or object store)."""
     from avssl import storage
 
-    return FeatureStore(cfg.evaluate.feature_store or storage.join(cfg.train.storage_path, "features"))
+    root = cfg.evaluate.feature_store or storage.join(cfg.train.storage_path, "features")
+    return FeatureStore(root if storage.is_remote(root) else Path(root).resolve())  # absolute: Ray tasks may run elsewhere
 
 
 def eval_device(ev: EvaluateConfig):
@@ -224,7 +226,6 @@ def log_predictions(tracker: Tracker, run_id: str, results: list[HeadResult], tr
     """Every seed's test predictions under every condition, with the truth, clip ids and speakers:
     what the report's bootstrap intervals and paired differences are computed from."""
     import tempfile
-    from pathlib import Path
 
     test = tracker_data.test
     arrays: dict[str, np.ndarray] = {
@@ -265,6 +266,33 @@ def _log_job(job: EvalJob, run_id: str, results: list[HeadResult], cfg: Config, 
     return EvalSummary(job.source.name, job.task, run_id, metrics, results)
 
 
+def training_groups(jobs: list[EvalJob], fractions: list[float]) -> list[tuple[list[int], tuple[Condition, ...]]]:
+    """Jobs whose heads train identically (the same source weights, task, label fraction and
+    training noise: the main table's, the noise study's and the dataset-size study's full-label job
+    of one method) train once, tested under the union of their conditions; each job keeps its own
+    run and conditions. Returns (job indices, test conditions) per training."""
+    groups: dict[tuple, tuple[list[int], list[Condition]]] = {}
+    for i, (job, fraction) in enumerate(zip(jobs, fractions)):
+        s = job.source
+        key = (s.digest(), s.kind, s.trainable, s.layer, job.task, float(fraction), tuple(job.train_conditions))
+        members, conds = groups.setdefault(key, ([], []))
+        members.append(i)
+        conds += [c for c in job.test_conditions if c not in conds]
+    return [(members, tuple(conds)) for members, conds in groups.values()]
+
+
+def restrict(result: HeadResult, conditions: tuple[Condition, ...]) -> HeadResult:
+    """A head's result as a job that tested only `conditions` sees it."""
+    import dataclasses
+
+    from avssl.evaluate.noise import condition_name
+
+    names = [condition_name(c) for c in conditions]
+    return dataclasses.replace(result, test={n: result.test[n] for n in names},
+                               predictions={n: result.predictions[n] for n in names if n in result.predictions},
+                               confusion=result.confusion if CLEAN in conditions else None)
+
+
 def run_jobs(jobs: list[EvalJob], cfg: Config, tracker: Tracker, data_cache: TaskDataCache, on_done=None) -> list[EvalSummary]:
     """Run evaluation jobs, as Ray tasks when there are several (both cores locally, any node on a
     cluster); MLflow runs are created and logged by this process. Results keep the jobs' order."""
@@ -277,6 +305,14 @@ def run_jobs(jobs: list[EvalJob], cfg: Config, tracker: Tracker, data_cache: Tas
     check_eval_resources(cfg.evaluate, parallel)  # before any run is opened
     runs = [_start_job_run(job, cfg, tracker, data_cache) for job in jobs]
     summaries: list[Optional[EvalSummary]] = [None] * len(jobs)
+    groups = training_groups(jobs, [fraction for _, fraction in runs])
+
+    def finish(i: int, results: list[HeadResult]) -> None:
+        data = data_cache.get(jobs[i].task)
+        summaries[i] = _log_job(jobs[i], runs[i][0], results, cfg, tracker, data.task, data)
+        if on_done:
+            on_done(summaries[i])
+
     try:
         if parallel:
             import ray
@@ -299,26 +335,26 @@ def run_jobs(jobs: list[EvalJob], cfg: Config, tracker: Tracker, data_cache: Tas
                     feature_refs[key] = extract.remote(job.source, refs[job.task], cfg.evaluate, tuple(conditions[key]))
             pending: dict[Any, tuple[int, int]] = {}
             per_job: dict[int, dict[int, HeadResult]] = {i: {} for i in range(len(jobs))}
-            for i, (job, (_, fraction)) in enumerate(zip(jobs, runs)):
+            for g, (members, test_conditions) in enumerate(groups):
+                job, fraction = jobs[members[0]], runs[members[0]][1]
                 features = feature_refs.get((job.source.name, job.source.kind, job.source.layer, job.task))
                 for k, seed in enumerate(seeds):  # one task per seed: a slow method does not idle a core
-                    ref = remote.remote(job.source, refs[job.task], cfg.evaluate, fraction, job.test_conditions, job.train_conditions, [seed], features)
-                    pending[ref] = (i, k)
+                    ref = remote.remote(job.source, refs[job.task], cfg.evaluate, fraction, test_conditions, job.train_conditions, [seed], features)
+                    pending[ref] = (g, k)
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
-                i, k = pending.pop(done[0])
-                per_job[i][k] = ray.get(done[0])[0]
-                if len(per_job[i]) == len(seeds):
-                    results = [per_job[i][k] for k in range(len(seeds))]
-                    summaries[i] = _log_job(jobs[i], runs[i][0], results, cfg, tracker, data_cache.get(jobs[i].task).task, data_cache.get(jobs[i].task))
-                    if on_done:
-                        on_done(summaries[i])
+                g, k = pending.pop(done[0])
+                result = ray.get(done[0])[0]
+                for i in groups[g][0]:
+                    per_job[i][k] = restrict(result, jobs[i].test_conditions)
+                    if len(per_job[i]) == len(seeds):
+                        finish(i, [per_job[i][k] for k in range(len(seeds))])
         else:
-            for i, (job, (run_id, fraction)) in enumerate(zip(jobs, runs)):
-                results = fit_seeds(job.source, data_cache.get(job.task), cfg.evaluate, fraction, job.test_conditions, job.train_conditions)
-                summaries[i] = _log_job(job, run_id, results, cfg, tracker, data_cache.get(job.task).task, data_cache.get(job.task))
-                if on_done:
-                    on_done(summaries[i])
+            for members, test_conditions in groups:
+                job, fraction = jobs[members[0]], runs[members[0]][1]
+                results = fit_seeds(job.source, data_cache.get(job.task), cfg.evaluate, fraction, test_conditions, job.train_conditions)
+                for i in members:
+                    finish(i, [restrict(r, jobs[i].test_conditions) for r in results])
     except BaseException:
         for i, s in enumerate(summaries):
             if s is None:
