@@ -72,7 +72,7 @@ def test_av_is_the_weighted_sum(synth_corpus):
         inputs = obj.model_inputs(batch, torch.Generator().manual_seed(0))
         torch.manual_seed(1)
         loss, parts = obj.loss(model(**inputs), batch, inputs, model)
-        return float(loss), float(parts["loss/visual"]), float(parts["loss/audio"])
+        return float(loss.detach()), float(parts["loss/visual"]), float(parts["loss/audio"])
 
     l, v, a = total((0.3, 2.0))
     assert l == pytest.approx(0.3 * v + 2.0 * a, rel=1e-5)
