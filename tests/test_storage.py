@@ -125,19 +125,18 @@ def test_pretrain_and_evaluate_on_s3_with_a_killed_worker_resuming_from_an_s3_ch
     checkpoints = {k.split("/")[2] for k in _keys("runs/s3run/") if k.split("/")[2].startswith("checkpoint_")}
     assert checkpoints and _object("runs/s3run/encoder.pt"), _keys("runs/s3run/")
 
-    # Evaluation from s3: the encoder file and the downstream corpus both in the bucket.
-    from avssl.config import load_config
-    from avssl.evaluate.runner import TaskDataCache, evaluate_source
-    from avssl.evaluate.sources import resolve_source
-    from avssl.tracking import Tracker
-
+    # Evaluation from s3, as a user runs it: the encoder file and the downstream corpus both in the
+    # bucket; two seeds, so one Ray task extracts the features into the bucket's feature store and
+    # the seeds' tasks read them back from there.
     t = time.perf_counter()
-    cfg = load_config("tiny", [*TINY_TRAIN, f"tracking.uri={store}", f"evaluate.corpora.emotion=s3://{BUCKET}/corpora/synth",
-                               "evaluate.seeds=[0]", "evaluate.epochs=2", "evaluate.tasks=[emotion]", f"train.storage_path=s3://{BUCKET}/runs"])
-    tracker = Tracker.from_config(cfg.tracking)
-    source = resolve_source(f"s3://{BUCKET}/runs/s3run/encoder.pt", cfg, tracker)
-    summary = evaluate_source(source, "emotion", cfg, tracker, TaskDataCache(cfg))
-    assert 0.0 <= summary.metrics["test/uar_mean"] <= 1.0 and source.tags["avssl.encoder_path"].startswith("s3://")
+    ev = subprocess.run([str(BIN / "avssl"), "evaluate", "--config", "tiny", *TINY_TRAIN, f"tracking.uri={store}",
+                         f"evaluate.encoder=s3://{BUCKET}/runs/s3run/encoder.pt", f"evaluate.corpora.emotion=s3://{BUCKET}/corpora/synth",
+                         "evaluate.seeds=[0,1]", "evaluate.epochs=2", "evaluate.tasks=[emotion]", f"train.storage_path=s3://{BUCKET}/runs"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
+    (eval_run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`avssl.kind` = 'evaluate'")
+    assert eval_run.info.status == "FINISHED" and 0.0 <= eval_run.data.metrics["test/uar_mean"] <= 1.0
+    assert eval_run.data.tags["avssl.encoder_path"].startswith("s3://") and eval_run.data.tags["avssl.seeds"] == "0,1"
     stored = _keys("runs/features/")  # the frozen features went to the bucket's feature store: data and index per split
     assert len([k for k in stored if k.endswith(".f32")]) == 3 and len([k for k in stored if k.endswith(".npz")]) == 3, stored
     steps["evaluate"] = time.perf_counter() - t

@@ -172,11 +172,15 @@ def fit_seeds(source: FeatureSource, data: TaskData, ev: EvaluateConfig, fractio
     reads its clips from the whole training split's set."""
     import torch
 
+    from avssl import storage
     from avssl.evaluate.downstream import fraction_of
 
     torch.set_num_threads(1)
-    if features:
-        data.cache.update(features)
+    if features and not storage.is_remote(data.store.root):
+        # The extraction task's sets, where this process can read their files (the same machine, or a
+        # shared file system); otherwise the store finds them by key (copying from an object store
+        # into this process's scratch folder) or, on a node that cannot see them, recomputes them.
+        data.cache.update({k: fs for k, fs in features.items() if fs.path.is_file()})
     trainer = HeadTrainer(source, data, ev, device=eval_device(ev))
     out = []
     for seed in (seeds or ev.seeds):
