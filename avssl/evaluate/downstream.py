@@ -22,7 +22,7 @@ from avssl.config.schema import EvaluateConfig
 from avssl.data.constants import HOP
 from avssl.data.corpus import ClipAudio, Corpus
 from avssl.data.loader import collate
-from avssl.evaluate.features import FeatureSet, FeatureStore, feature_set_key
+from avssl.evaluate.features import FeatureSet, FeatureStore, FrameMoments, feature_set_key
 from avssl.evaluate.metrics import confusion_matrix
 from avssl.evaluate.noise import BabblePool, Condition, condition_name, mix
 from avssl.evaluate.sources import FeatureSource
@@ -200,14 +200,11 @@ class HeadTrainer:
         initial weights, and keeps that fixed normalisation while it trains (the same input as the
         frozen path). Both are running sums: nothing of the size of the split is held."""
         if module is not None:
-            n, s1, s2 = 0, 0.0, 0.0
+            moments = FrameMoments()
             for feats in self._features(module, self.data.train, CLEAN, 0):
                 for x in feats:
-                    x = x.double()
-                    n, s1, s2 = n + len(x), s1 + x.sum(0), s2 + (x * x).sum(0)
-            mean = s1 / n
-            std = ((s2 / n - mean**2).clamp_min(0) * n / max(1, n - 1)).sqrt()
-            return mean.float(), std.float().clamp_min(1e-5)
+                    moments.add(x)
+            return moments.mean_std()
         if self._norm is None:
             fs = self.frozen_features("train", self.data.train, CLEAN, 0)
             self._norm = (torch.tensor(fs.mean), torch.tensor(fs.std))  # (copies: arrays from Ray are read-only)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -27,6 +27,23 @@ from avssl import storage
 
 FORMAT = "f1"  # part of every key: change it when extraction changes what a key's features are
 DTYPE = np.float32
+
+
+class FrameMoments:
+    """Per-dimension mean and standard deviation (unbiased, floored at 1e-5) of [T, D] frames added
+    a clip at a time, in float64: nothing of the size of the split is held."""
+
+    def __init__(self) -> None:
+        self.n, self.s1, self.s2 = 0, 0.0, 0.0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().double()
+        self.n, self.s1, self.s2 = self.n + len(x), self.s1 + x.sum(0), self.s2 + (x * x).sum(0)
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.s1 / self.n
+        std = ((self.s2 / self.n - mean**2).clamp_min(0) * self.n / max(1, self.n - 1)).sqrt()
+        return mean.float(), std.float().clamp_min(1e-5)
 
 
 def feature_set_key(*parts: object) -> str:
@@ -79,10 +96,6 @@ class FeatureSet:
         if self.positions is not None:
             pos = self.positions[pos]
         return FeatureSet(self.path, self.offsets, self.dim, self.mean, self.std, pos)
-
-    def all_frames(self) -> Iterator[torch.Tensor]:
-        for i in range(len(self)):
-            yield self.clip(i)
 
 
 _SCRATCH: dict[tuple[int, str], Path] = {}
@@ -143,23 +156,20 @@ class FeatureStore:
         local_dir = Path(self.root) if not storage.is_remote(self.root) else _scratch_dir("feature-writes")
         local_dir.mkdir(parents=True, exist_ok=True)
         tmp = local_dir / f".{key}.{os.getpid()}.f32.tmp"
-        offsets, total, s1, s2, dim = [0], 0, None, None, None
+        offsets, total, dim, moments = [0], 0, None, FrameMoments()
         try:
             with open(tmp, "wb") as f:
                 for feats in batches:
                     for x in feats:
-                        x = x.detach().to(torch.float64)
+                        x = x.detach()
                         dim = x.shape[1] if dim is None else dim
-                        s1 = x.sum(0) if s1 is None else s1 + x.sum(0)
-                        s2 = (x * x).sum(0) if s2 is None else s2 + (x * x).sum(0)
+                        moments.add(x)
                         f.write(np.ascontiguousarray(x.numpy().astype(DTYPE)).tobytes())
                         total += len(x)
                         offsets.append(total)
             if dim is None or total == 0:
                 raise ValueError(f"no features to store under {key}")
-            mean = (s1 / total).numpy()
-            std = np.sqrt(np.maximum((s2 / total).numpy() - mean**2, 0.0) * total / max(1, total - 1))
-            mean, std = mean.astype(np.float32), np.maximum(std, 1e-5).astype(np.float32)
+            mean, std = (t.numpy() for t in moments.mean_std())
             offsets_arr = np.asarray(offsets, np.int64)
             if storage.is_remote(data):
                 storage.copy_file(tmp, data)
