@@ -30,8 +30,9 @@ class ConvGRUAudioEncoder(nn.Module):
             raise ValueError("audio window must cover at least one frame hop and the first kernel")
         # Windows overlap five times over. Leading layers run once over the whole waveform and their
         # output is cut into windows, as long as each window still starts on a whole output
-        # position (the same function as running them per window; in training, BatchNorm then
-        # takes its statistics over the sequence rather than over overlapping windows).
+        # position, and the next layer runs at stride 1 over the whole waveform too (the same
+        # function as running them per window; in training, BatchNorm then takes its statistics
+        # over the sequence rather than over overlapping windows).
         self.shared_first = HOP % self.stride1 == 0
         c = cfg.base_channels
         self.first = _conv_bn_relu(1, c, k1, self.stride1)
@@ -68,14 +69,36 @@ class ConvGRUAudioEncoder(nn.Module):
             for layer in self.convs[: self.n_shared]:
                 h = layer(h)
             k = self.n_shared
-            h = h.unfold(-1, self.lengths[k], self.hop_after[k])[:, :, :t]  # [B, C, T, L_k]
-            h = h.permute(0, 2, 1, 3).reshape(b * t, h.shape[1], self.lengths[k])
-            h = self.convs[k:](h)
+            if k < len(self.convs):
+                # The first layer whose windows start on odd positions: run it at stride 1 over the
+                # whole clip and keep, for window t, the outputs at hop*t + 2j (the same values as
+                # running it per window, with fewer multiply-adds: the windows overlap).
+                conv, norm, act = self.convs[k]
+                h = act(norm(nn.functional.conv1d(h, conv.weight, conv.bias)))  # [B, C, P - 3]
+                n = self.lengths[k + 1]
+                h = h.unfold(-1, 2 * n - 1, self.hop_after[k])[:, :, :t, ::2]  # [B, C, T, L_k+1]: positions hop*t + 2j
+                h = h.permute(0, 2, 1, 3).reshape(b * t, h.shape[1], n)
+                h = self.convs[k + 1 :](h)
+            else:
+                h = h.unfold(-1, self.lengths[k], self.hop_after[k])[:, :, :t]  # [B, C, T, L_k]
+                h = h.permute(0, 2, 1, 3).reshape(b * t, h.shape[1], self.lengths[k])
         else:
             windows = x.unfold(-1, self.window, HOP)[:, :t]  # [B, T, W]
             h = self.convs(self.first(windows.reshape(b * t, 1, self.window)))
-        code = self.code(h)  # [B*T, code_dim, 1]
+        # The code conv spans the whole remaining length: one matrix product (the same weights; a
+        # CPU convolution's backward pass is several times slower on this shape).
+        conv, act = self.code
+        code = act(nn.functional.linear(h.flatten(1), conv.weight.flatten(1), conv.bias))  # [B*T, code_dim]
         return code.reshape(b, t, self.code_dim)
+
+    def frame_codes_by_definition(self, wave: torch.Tensor) -> torch.Tensor:
+        """What `frame_codes` computes, as the architecture defines it: each window through every
+        conv module on its own (several times slower; tests and benchmarks compare with it)."""
+        b, t = wave.shape[0], wave.shape[1] // HOP
+        left = (self.window - HOP) // 2
+        x = nn.functional.pad(wave[:, : t * HOP], (left, self.window - HOP - left))
+        windows = x.unfold(-1, self.window, HOP)[:, :t].reshape(b * t, 1, self.window)
+        return self.code(self.convs(self.first(windows))).reshape(b, t, self.code_dim)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """[B, S] -> [B, T, out_dim] per-frame embeddings."""
