@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -47,8 +48,6 @@ def mfcc_baseline(corpus: Corpus, label: str, seed: int = 0) -> dict[str, float]
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0, random_state=seed))
     clf.fit(x_tr, y_tr)
     pred = clf.predict(x_te)
-    import warnings
-
     with warnings.catch_warnings():  # a word predicted that no test clip says: expected on small test sets
         warnings.simplefilter("ignore", UserWarning)
         uar = float(balanced_accuracy_score(y_te, pred))

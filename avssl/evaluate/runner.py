@@ -326,22 +326,20 @@ def run_jobs(jobs: list[EvalJob], cfg: Config, tracker: Tracker, data_cache: Tas
             extract = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(extract_features)
             refs = {task: ray.put(data_cache.get(task)) for task in {j.task for j in jobs}}
             # Frozen sources: features once per (source, task) for every condition any job tests.
-            feature_refs: dict[tuple, Any] = {}
-            conditions: dict[tuple, list[Condition]] = {}
+            def extraction_key(job: EvalJob) -> tuple:
+                return (job.source.name, job.source.kind, job.source.layer, job.task)
+
+            to_extract: dict[tuple, tuple[EvalJob, list[Condition]]] = {}
             for job in jobs:
                 if not job.source.trainable:
-                    key = (job.source.name, job.source.kind, job.source.layer, job.task)
-                    conds = conditions.setdefault(key, [])
+                    _, conds = to_extract.setdefault(extraction_key(job), (job, []))
                     conds += [c for c in job.test_conditions if c not in conds]
-            for job in jobs:
-                key = (job.source.name, job.source.kind, job.source.layer, job.task)
-                if key in conditions and key not in feature_refs:
-                    feature_refs[key] = extract.remote(job.source, refs[job.task], cfg.evaluate, tuple(conditions[key]))
+            feature_refs = {key: extract.remote(job.source, refs[job.task], cfg.evaluate, tuple(conds)) for key, (job, conds) in to_extract.items()}
             pending: dict[Any, tuple[int, int]] = {}
             per_job: dict[int, dict[int, HeadResult]] = {i: {} for i in range(len(jobs))}
             for g, (members, test_conditions) in enumerate(groups):
                 job, fraction = jobs[members[0]], runs[members[0]][1]
-                features = feature_refs.get((job.source.name, job.source.kind, job.source.layer, job.task))
+                features = feature_refs.get(extraction_key(job))
                 for k, seed in enumerate(seeds):  # one task per seed: a slow method does not idle a core
                     ref = remote.remote(job.source, refs[job.task], cfg.evaluate, fraction, test_conditions, job.train_conditions, [seed], features)
                     pending[ref] = (g, k)

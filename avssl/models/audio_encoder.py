@@ -59,11 +59,19 @@ class ConvGRUAudioEncoder(nn.Module):
         self.code_dim = cfg.code_dim
         self.out_dim = cfg.gru_hidden
 
-    def frame_codes(self, wave: torch.Tensor) -> torch.Tensor:
-        """[B, S] -> [B, T, code_dim], T = S // HOP; window t is centred on frame t."""
+    def _padded(self, wave: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+        """(B, T, the waveform padded so that window t, centred on frame t, starts at t * HOP)."""
         b, t = wave.shape[0], wave.shape[1] // HOP
         left = (self.window - HOP) // 2
-        x = nn.functional.pad(wave[:, : t * HOP], (left, self.window - HOP - left))
+        return b, t, nn.functional.pad(wave[:, : t * HOP], (left, self.window - HOP - left))
+
+    def _windows(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """[B, S'] padded waveform -> [B*T, 1, window], one row per frame."""
+        return x.unfold(-1, self.window, HOP)[:, :t].reshape(-1, 1, self.window)
+
+    def frame_codes(self, wave: torch.Tensor) -> torch.Tensor:
+        """[B, S] -> [B, T, code_dim], T = S // HOP; window t is centred on frame t."""
+        b, t, x = self._padded(wave)
         if self.shared_first:
             h = self.first(x.unsqueeze(1))  # [B, C, P], over the whole clip
             for layer in self.convs[: self.n_shared]:
@@ -83,8 +91,7 @@ class ConvGRUAudioEncoder(nn.Module):
                 h = h.unfold(-1, self.lengths[k], self.hop_after[k])[:, :, :t]  # [B, C, T, L_k]
                 h = h.permute(0, 2, 1, 3).reshape(b * t, h.shape[1], self.lengths[k])
         else:
-            windows = x.unfold(-1, self.window, HOP)[:, :t]  # [B, T, W]
-            h = self.convs(self.first(windows.reshape(b * t, 1, self.window)))
+            h = self.convs(self.first(self._windows(x, t)))
         # The code conv spans the whole remaining length: one matrix product (the same weights; a
         # CPU convolution's backward pass is several times slower on this shape).
         conv, act = self.code
@@ -94,11 +101,8 @@ class ConvGRUAudioEncoder(nn.Module):
     def frame_codes_by_definition(self, wave: torch.Tensor) -> torch.Tensor:
         """What `frame_codes` computes, as the architecture defines it: each window through every
         conv module on its own (several times slower; tests and benchmarks compare with it)."""
-        b, t = wave.shape[0], wave.shape[1] // HOP
-        left = (self.window - HOP) // 2
-        x = nn.functional.pad(wave[:, : t * HOP], (left, self.window - HOP - left))
-        windows = x.unfold(-1, self.window, HOP)[:, :t].reshape(b * t, 1, self.window)
-        return self.code(self.convs(self.first(windows))).reshape(b, t, self.code_dim)
+        b, t, x = self._padded(wave)
+        return self.code(self.convs(self.first(self._windows(x, t)))).reshape(b, t, self.code_dim)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """[B, S] -> [B, T, out_dim] per-frame embeddings."""
