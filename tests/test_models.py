@@ -92,3 +92,47 @@ def test_warmup_cosine_schedule_is_linear_then_cosine_to_five_percent(warmup, to
         assert opt.param_groups[0]["lr"] / 2e-3 == pytest.approx(expected(step), abs=1e-9), step
         opt.step()
         schedule.step()
+
+
+def _packed_gru(rnn, x, lengths):
+    if lengths is None:
+        return rnn(x)[0]
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=rnn.batch_first, enforce_sorted=False)
+    out, _ = rnn(packed)
+    return torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=rnn.batch_first, total_length=x.shape[1 if rnn.batch_first else 0])[0]
+
+
+@pytest.mark.parametrize("layers,bidirectional,batch_first,ragged", [
+    (1, True, True, True),  # the downstream head: clips of several lengths
+    (2, False, True, False),  # the audio encoder
+    (2, True, True, True),
+    (3, True, False, True),
+    (1, True, True, False),
+])
+def test_gru_training_pass_is_nn_gru_on_packed_clips(layers, bidirectional, batch_first, ragged):
+    """`gru`'s CPU training pass: the outputs and every gradient (weights, biases, inputs) of
+    nn.GRU on the packed sequence, padded back with zeros."""
+    from avssl.models.rnn import gru
+
+    torch.manual_seed(0)
+    rnn = torch.nn.GRU(10, 12, layers, batch_first=batch_first, bidirectional=bidirectional)
+    b, t = 6, 9
+    x = torch.randn((b, t, 10) if batch_first else (t, b, 10), requires_grad=True)
+    lengths = torch.tensor([9, 3, 7, 1, 9, 5]) if ragged else None
+    weight = torch.randn(_packed_gru(rnn, x, lengths).shape)
+    grads = []
+    for fn in (_packed_gru, gru):
+        rnn.zero_grad()
+        x.grad = None
+        out = fn(rnn, x, lengths)
+        (out * weight).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in rnn.parameters()] + [x.grad.clone()]))
+    (ref, ref_grads), (got, got_grads) = grads
+    assert torch.allclose(got, ref, atol=1e-6)
+    for a, g in zip(ref_grads, got_grads):
+        assert torch.allclose(g, a, atol=1e-5)
+    if ragged:  # past a clip's length: zero output, no gradient to its input
+        mask = torch.arange(t)[None, :] >= lengths[:, None]
+        out_bt = got if batch_first else got.transpose(0, 1)
+        grad_bt = got_grads[-1] if batch_first else got_grads[-1].transpose(0, 1)
+        assert out_bt[mask].abs().max() == 0 and grad_bt[mask].abs().max() == 0

@@ -13,6 +13,7 @@ from torch import nn
 from avssl.config.schema import AudioEncoderConfig
 from avssl.data.constants import HOP, SAMPLE_RATE
 from avssl.models.registry import AUDIO_ENCODERS
+from avssl.models.rnn import gru
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int) -> nn.Sequential:
@@ -106,8 +107,7 @@ class ConvGRUAudioEncoder(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """[B, S] -> [B, T, out_dim] per-frame embeddings."""
-        out, _ = self.gru(self.frame_codes(wave))
-        return out
+        return gru(self.gru, self.frame_codes(wave))
 
     @property
     def layer_names(self) -> list[str]:

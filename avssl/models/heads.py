@@ -10,6 +10,7 @@ from torch import nn
 
 from avssl.config.schema import AttributeHeadsConfig
 from avssl.models.registry import ATTRIBUTE_HEADS
+from avssl.models.rnn import gru
 
 
 @ATTRIBUTE_HEADS.register("linear")
@@ -73,9 +74,7 @@ class DownstreamHead(nn.Module):
             x = self.mix(x)
         x = self.norm(x)
         if self.rnn is not None:
-            packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu().clamp_min(1), batch_first=True, enforce_sorted=False)
-            out, _ = self.rnn(packed)
-            x, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+            x = gru(self.rnn, x, lengths)  # nn.GRU on the packed clips (its cheaper CPU training pass)
         return x
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, per_frame: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
