@@ -1,5 +1,6 @@
 """The audio encoder's training step: `frame_codes` as computed (shared leading layers over the
-whole clip, the next layer at stride 1, the code conv as one matrix product) against the same
+whole clip, the next layer at stride 1, the code conv as a strided, dilated convolution over the
+clip when that layer is the last, else one matrix product over the windows) against the same
 function as the architecture defines it (every 0.2 s window through every conv module), forward
 and forward + backward, side by side in one process.
 

@@ -73,31 +73,39 @@ class ConvGRUAudioEncoder(nn.Module):
     def frame_codes(self, wave: torch.Tensor) -> torch.Tensor:
         """[B, S] -> [B, T, code_dim], T = S // HOP; window t is centred on frame t."""
         b, t, x = self._padded(wave)
+        conv, act = self.code
         if self.shared_first:
             h = self.first(x.unsqueeze(1))  # [B, C, P], over the whole clip
             for layer in self.convs[: self.n_shared]:
                 h = layer(h)
             k = self.n_shared
-            if k < len(self.convs):
-                # The first layer whose windows start on odd positions: run it at stride 1 over the
-                # whole clip and keep, for window t, the outputs at hop*t + 2j (the same values as
-                # running it per window, with fewer multiply-adds: the windows overlap).
-                conv, norm, act = self.convs[k]
-                h = act(norm(nn.functional.conv1d(h, conv.weight, conv.bias)))  # [B, C, P - 3]
-                n = self.lengths[k + 1]
-                h = h.unfold(-1, 2 * n - 1, self.hop_after[k])[:, :, :t, ::2]  # [B, C, T, L_k+1]: positions hop*t + 2j
-                h = h.permute(0, 2, 1, 3).reshape(b * t, h.shape[1], n)
-                h = self.convs[k + 1 :](h)
-            else:
-                h = h.unfold(-1, self.lengths[k], self.hop_after[k])[:, :, :t]  # [B, C, T, L_k]
-                h = h.permute(0, 2, 1, 3).reshape(b * t, h.shape[1], self.lengths[k])
+            if k == len(self.convs):
+                # Every layer is shared: the code conv over window t is a convolution with stride hop.
+                return self._code_over_clip(h, self.hop_after[k], 1, t)
+            # The first layer whose windows start on odd positions: run it at stride 1 over the
+            # whole clip; window t then reads its outputs at hop*t + 2j (the same values as running
+            # it per window, with fewer multiply-adds: the windows overlap).
+            c, norm, relu = self.convs[k]
+            h = relu(norm(nn.functional.conv1d(h, c.weight, c.bias)))  # [B, C, P - 3]
+            if k + 1 == len(self.convs):
+                # ... and the code conv over those positions is a convolution with stride hop and dilation 2.
+                return self._code_over_clip(h, self.hop_after[k], 2, t)
+            n = self.lengths[k + 1]
+            h = h.unfold(-1, 2 * n - 1, self.hop_after[k])[:, :, :t, ::2]  # [B, C, T, L_k+1]: positions hop*t + 2j
+            h = h.permute(0, 2, 1, 3).reshape(b * t, h.shape[1], n)
+            h = self.convs[k + 1 :](h)
         else:
             h = self.convs(self.first(self._windows(x, t)))
         # The code conv spans the whole remaining length: one matrix product (the same weights; a
         # CPU convolution's backward pass is several times slower on this shape).
-        conv, act = self.code
         code = act(nn.functional.linear(h.flatten(1), conv.weight.flatten(1), conv.bias))  # [B*T, code_dim]
         return code.reshape(b, t, self.code_dim)
+
+    def _code_over_clip(self, h: torch.Tensor, hop: int, dilation: int, t: int) -> torch.Tensor:
+        """The code conv of every window at once from the whole clip's map h [B, C, P]: window t
+        reads positions hop*t + dilation*j. -> [B, T, code_dim]"""
+        conv, act = self.code
+        return act(nn.functional.conv1d(h, conv.weight, conv.bias, stride=hop, dilation=dilation)[..., :t]).transpose(1, 2)
 
     def frame_codes_by_definition(self, wave: torch.Tensor) -> torch.Tensor:
         """What `frame_codes` computes, as the architecture defines it: each window through every
