@@ -171,6 +171,8 @@ class RecipeRun:
         )
         self.tracker.set_tags(self.parent_id, {"avssl.recipe_description": recipe.description[:4000], "avssl.preset": cfg.preset})
         self.tags = {"avssl.recipe_run_id": self.parent_id, "avssl.recipe": recipe.name}
+        self._cache = None
+        self.prefetch = None  # baseline head trainings started during pretraining
 
     def step(self, title: str) -> float:
         print(f"\n=== {title} ===", flush=True)
@@ -219,7 +221,11 @@ class RecipeRun:
             print(f"  {r.run_name}: {r.metrics.get('step')} steps, val loss {r.metrics.get('val/loss', float('nan')):.4f}, "
                   f"probe {r.metrics.get('probe/val_uar', r.metrics.get('probe/val_ccc', float('nan'))):.3f}, {r.seconds:.0f} s, run {r.run_id}", flush=True)
 
-        results = pretrain_many([c for _, _, c in todo], on_done=done_cb, parent_run_id=self.parent_id, extra_tags=self.tags) if todo else []
+        self.prefetch = self.baseline_prefetch() if todo else None
+        between = self.prefetch.pump if self.prefetch is not None else None
+        results = pretrain_many([c for _, _, c in todo], on_done=done_cb, parent_run_id=self.parent_id, extra_tags=self.tags, between=between) if todo else []
+        if self.prefetch is not None and self.prefetch.started:
+            print(f"  meanwhile, on CPUs the pretrainings left idle: {self.prefetch.started} of the baselines' head trainings started", flush=True)
         for (_, _, c), r in zip(todo, results):
             self.tracker.set_tags(r.run_id, {"avssl.pretrain_digest": pretrain_digest(c)})
         encoders += [Encoder(o, s, r.run_id, False) for (o, s, _), r in zip(todo, results)]
@@ -230,39 +236,81 @@ class RecipeRun:
         runs = self.tracker.find_runs({"avssl.kind": "evaluate", "avssl.recipe_run_id": self.parent_id})
         return frozenset(r.data.tags["avssl.job"] for r in runs if r.info.status == "FINISHED" and "avssl.job" in r.data.tags)
 
+    def task_data(self):
+        """Every task's corpus and labels (loaded once, checked before any compute)."""
+        from avssl.evaluate.runner import TaskDataCache
+
+        if self._cache is None:
+            r = self.recipe
+            self._cache = TaskDataCache(self.cfg)
+            for task in sorted({t for t in ((r.evaluate.tasks if r.evaluate else []) + [s.task for s in (r.noise, r.datasize) if s])}):
+                self._cache.get(task)
+        return self._cache
+
+    def _study_cfg(self, spec: StudySpec, encoders: list[Encoder]) -> Config:
+        study_cfg = self.cfg.model_copy(deep=True)
+        study_cfg.study.methods = _expand(spec.methods, encoders)
+        study_cfg.study.task = spec.task
+        return study_cfg
+
+    def _main_jobs(self, methods: list[str], sources: list, encoders: list[Encoder], done: frozenset[str]) -> list:
+        """The main table's evaluations (task x method), less the noise study's (its heads train on
+        clean audio: they are the main table's cells) and those finished earlier."""
+        from avssl.evaluate.runner import EvalJob
+
+        r = self.recipe
+        in_noise = {(r.noise.task, m) for m in _expand(r.noise.methods, encoders)} if r.noise else set()
+        return [EvalJob(source, task, extra_tags={"avssl.job": f"main/{task}/{source.name}", **self.tags})
+                for task in r.evaluate.tasks for spec, source in zip(methods, sources)
+                if (task, spec) not in in_noise and f"main/{task}/{source.name}" not in done]
+
+    def baseline_prefetch(self):
+        """The baselines' evaluations do not wait for the encoders: their head trainings start on
+        the CPUs the pretrainings leave idle (`HeadPrefetch`). None when evaluation is not run as
+        parallel CPU tasks or the recipe has no baseline to evaluate."""
+        from avssl.config.loader import apply_overrides, config_from_dict
+        from avssl.evaluate.runner import HeadPrefetch
+        from avssl.evaluate.sources import resolve_source
+        from avssl.evaluate.studies import datasize_jobs, noise_jobs
+
+        r, cfg = self.recipe, self.cfg
+        if not cfg.evaluate.parallel or cfg.evaluate.use_gpu:
+            return None
+        # scratch takes the architecture of the encoders it is compared with: the pretrainings'.
+        overrides = r.pretrain.overrides if r.pretrain else []
+        arch = config_from_dict(apply_overrides(cfg.model_dump(mode="json"), overrides)).model.audio_encoder
+
+        def baselines(methods: list[str]) -> tuple[list[str], list]:
+            names = [m for m in _expand(methods, []) if m in BASELINE_NAMES]
+            like = arch if any(m not in BASELINE_NAMES and not m.startswith("models:/") for m in methods) else None
+            return names, [resolve_source(m, cfg, self.tracker, cfg.seed, like=like) for m in names]
+
+        done = self.finished_jobs()
+        jobs = []
+        if r.evaluate:
+            jobs += self._main_jobs(*baselines(r.evaluate.methods), [], done)
+        for spec, make in ((r.noise, noise_jobs), (r.datasize, datasize_jobs)):
+            if spec is not None:
+                jobs += make(self._study_cfg(spec, []), baselines(spec.methods)[1], None, self.tags, done)
+        return HeadPrefetch(jobs, cfg, self.task_data()) if jobs else None
+
     def evaluate(self, encoders: list[Encoder]) -> None:
-        from avssl.evaluate.runner import EvalJob, TaskDataCache, format_row
+        from avssl.evaluate.runner import format_row
         from avssl.evaluate.sources import resolve_sources
         from avssl.evaluate.studies import plan_datasize_study, plan_noise_study, run_studies
 
         r, cfg = self.recipe, self.cfg
         done = self.finished_jobs()
-        cache = TaskDataCache(cfg)
-        for task in sorted({t for t in ((r.evaluate.tasks if r.evaluate else []) + [s.task for s in (r.noise, r.datasize) if s])}):
-            cache.get(task)  # every corpus and its labels, before any compute
-        plans = []
-        for kind, spec, planner in (("noise", r.noise, plan_noise_study), ("datasize", r.datasize, plan_datasize_study)):
-            if spec is None:
-                continue
-            study_cfg = cfg.model_copy(deep=True)
-            study_cfg.study.methods = _expand(spec.methods, encoders)
-            study_cfg.study.task = spec.task
-            plans.append(planner(study_cfg, self.tracker, cache, self.parent_id, self.tags, done))
-        extra: list[EvalJob] = []
+        cache = self.task_data()
+        plans = [planner(self._study_cfg(spec, encoders), self.tracker, cache, self.parent_id, self.tags, done)
+                 for spec, planner in ((r.noise, plan_noise_study), (r.datasize, plan_datasize_study)) if spec is not None]
+        extra = []
         if r.evaluate:
             methods = _expand(r.evaluate.methods, encoders)
-            sources = resolve_sources(methods, cfg, self.tracker, cfg.seed)
-            in_noise = {(r.noise.task, m) for m in _expand(r.noise.methods, encoders)} if r.noise else set()
-            for task in r.evaluate.tasks:
-                for spec, source in zip(methods, sources):
-                    if (task, spec) in in_noise:  # the noise study's heads are trained on clean audio: they are this cell
-                        continue
-                    key = f"main/{task}/{source.name}"
-                    if key not in done:
-                        extra.append(EvalJob(source, task, extra_tags={"avssl.job": key, **self.tags}))
+            extra = self._main_jobs(methods, resolve_sources(methods, cfg, self.tracker, cfg.seed), encoders, done)
         n_jobs = sum(len(p.jobs) for p in plans) + len(extra)
         print(f"{n_jobs} evaluations to run ({len(done)} finished earlier, reused); {len(cfg.evaluate.seeds)} head seeds each", flush=True)
-        _, others = run_studies(plans, cfg, self.tracker, cache, extra_jobs=tuple(extra))
+        _, others = run_studies(plans, cfg, self.tracker, cache, extra_jobs=tuple(extra), prefetch=self.prefetch)
         for s in others:
             print(format_row(s))
 

@@ -137,3 +137,32 @@ def test_jobs_that_train_the_same_head_train_it_once(setup, monkeypatch):
     assert main.metrics["test/uar_mean"] == noise.metrics["test/uar_mean"]
     alone = run_jobs([EvalJob(resolve_source("mfcc", cfg), "emotion")], cfg, tracker, cache)[0]
     assert alone.metrics["test/uar_mean"] == main.metrics["test/uar_mean"]
+
+
+def test_head_trainings_started_ahead_are_taken_not_trained_again(setup, ray_local):
+    """A recipe starts its baselines' head trainings while its encoders pretrain (HeadPrefetch);
+    run_jobs takes each of them, trains nothing twice, and logs the numbers a plain run gives."""
+    import time
+
+    from avssl.evaluate.runner import EvalJob, HeadPrefetch, run_jobs
+
+    cfg, tracker, cache = setup
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"parallel": True, "seeds": [0, 1]})})
+
+    def jobs():
+        return [EvalJob(resolve_source("mfcc", cfg), "emotion"), EvalJob(resolve_source("scratch", cfg), "emotion", label_fraction=0.5)]
+
+    ahead = HeadPrefetch(jobs(), cfg, cache)
+    assert ahead.queued == 5  # mfcc's extraction, then 2 jobs x 2 seeds
+    ahead.pump(1)
+    assert ahead.started == 0 and ahead.queued == 4, "one free CPU: the extraction alone; mfcc's heads wait for its features"
+    deadline = time.time() + 300
+    while ahead.queued and time.time() < deadline:
+        ahead.pump(2)
+        time.sleep(0.2)
+    assert ahead.started == 4
+    taken = run_jobs(jobs(), cfg, tracker, cache, prefetch=ahead)
+    assert not ahead.trainings, "every started training was taken"
+    plain = run_jobs(jobs(), cfg, tracker, cache)
+    for a, b in zip(taken, plain):
+        assert a.metrics["test/uar_mean"] == b.metrics["test/uar_mean"] and a.metrics["val/uar_mean"] == b.metrics["val/uar_mean"]

@@ -38,7 +38,9 @@ def test_a_recipe_runs_reports_claims_and_resumes(workdir, ray_local):
     }))
     recipe = load_recipe(recipe_file)
     cfg = recipe_config(recipe, None, [])
-    out = RecipeRun(recipe, cfg).run()
+    first = RecipeRun(recipe, cfg)
+    out = first.run()
+    assert first.prefetch is not None, "the baselines' head trainings may start while the encoders pretrain"
     client = MlflowClient(cfg.tracking.uri)
     tracker_exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     parent = client.get_run(out["parent_run_id"])

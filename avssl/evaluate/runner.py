@@ -150,6 +150,11 @@ class EvalJob:
     run_name: Optional[str] = None
 
 
+def job_fraction(job: EvalJob, ev: EvaluateConfig) -> float:
+    """The share of the training labels a job's heads train on."""
+    return ev.label_fraction if job.label_fraction is None else job.label_fraction
+
+
 def extract_features(source: FeatureSource, data: TaskData, ev: EvaluateConfig, test_conditions: tuple[Condition, ...]) -> dict:
     """A frozen source's features, once per (split, condition), into the feature store: clean train
     and validation clips and the test clips under every test condition. Returns the sets' handles
@@ -194,7 +199,7 @@ def _start_job_run(job: EvalJob, cfg: Config, tracker: Tracker, data_cache: Task
 
     data = data_cache.get(job.task)
     ev = cfg.evaluate
-    fraction = ev.label_fraction if job.label_fraction is None else job.label_fraction
+    fraction = job_fraction(job, ev)
     source = job.source
     tags = {
         "avssl.kind": "evaluate",
@@ -270,6 +275,18 @@ def _log_job(job: EvalJob, run_id: str, results: list[HeadResult], cfg: Config, 
     return EvalSummary(job.source.name, job.task, run_id, metrics, results)
 
 
+def training_key(job: EvalJob, fraction: float) -> tuple:
+    """What decides how a job's heads train: the source's weights, kind and layer, the task, the
+    label fraction and the training noise."""
+    s = job.source
+    return (s.digest(), s.kind, s.trainable, s.layer, job.task, float(fraction), tuple(job.train_conditions))
+
+
+def extraction_key(job: EvalJob) -> tuple:
+    """A frozen source's features are extracted once per (source, task)."""
+    return (job.source.name, job.source.kind, job.source.layer, job.task)
+
+
 def training_groups(jobs: list[EvalJob], fractions: list[float]) -> list[tuple[list[int], tuple[Condition, ...]]]:
     """Jobs whose heads train identically (the same source weights, task, label fraction and
     training noise: the main table's, the noise study's and the dataset-size study's full-label job
@@ -277,9 +294,7 @@ def training_groups(jobs: list[EvalJob], fractions: list[float]) -> list[tuple[l
     run and conditions. Returns (job indices, test conditions) per training."""
     groups: dict[tuple, tuple[list[int], list[Condition]]] = {}
     for i, (job, fraction) in enumerate(zip(jobs, fractions)):
-        s = job.source
-        key = (s.digest(), s.kind, s.trainable, s.layer, job.task, float(fraction), tuple(job.train_conditions))
-        members, conds = groups.setdefault(key, ([], []))
+        members, conds = groups.setdefault(training_key(job, fraction), ([], []))
         members.append(i)
         conds += [c for c in job.test_conditions if c not in conds]
     return [(members, tuple(conds)) for members, conds in groups.values()]
@@ -297,9 +312,104 @@ def restrict(result: HeadResult, conditions: tuple[Condition, ...]) -> HeadResul
                                confusion=result.confusion if CLEAN in conditions else None)
 
 
-def run_jobs(jobs: list[EvalJob], cfg: Config, tracker: Tracker, data_cache: TaskDataCache, on_done=None) -> list[EvalSummary]:
+class HeadPrefetch:
+    """Head trainings started before their jobs' MLflow runs exist: a recipe knows its baseline
+    jobs (scratch, MFCC, log-mel) before its encoders finish pretraining, and trains their heads
+    on the CPUs the pretrainings leave idle (`pump`). `run_jobs` then takes each finished or
+    running training (`take`) instead of starting it again; a training never started is left to
+    `run_jobs`. The trainings are those `run_jobs` would start: the same groups (identical heads
+    train once), functions and arguments."""
+
+    def __init__(self, jobs: list[EvalJob], cfg: Config, data_cache: TaskDataCache):
+        from avssl.runtime import ensure_ray
+
+        ensure_ray(cfg.train.ray_address)
+        self.cfg, self.data_cache = cfg, data_cache
+        # (training key, test conditions, seed) -> submitted training; extraction key -> (conditions, ref)
+        self.trainings: dict[tuple, Any] = {}
+        self.features: dict[tuple, tuple[tuple[Condition, ...], Any]] = {}
+        self._data: dict[str, Any] = {}
+        self._queue: list[tuple] = []  # (kind, key, payload) in submission order
+        self.started = 0  # head trainings started
+        fractions = [job_fraction(job, cfg.evaluate) for job in jobs]
+        conds: dict[tuple, list[Condition]] = {}
+        for job in jobs:
+            if not job.source.trainable:
+                have = conds.setdefault(extraction_key(job), [])
+                have += [c for c in job.test_conditions if c not in have]
+        for key, c in conds.items():
+            job = next(j for j in jobs if not j.source.trainable and extraction_key(j) == key)
+            self._queue.append(("extract", key, (job, tuple(c))))
+        for members, test_conditions in training_groups(jobs, fractions):
+            job, fraction = jobs[members[0]], fractions[members[0]]
+            for seed in cfg.evaluate.seeds:
+                self._queue.append(("fit", (training_key(job, fraction), test_conditions, seed), (job, fraction, test_conditions, seed)))
+
+    @property
+    def queued(self) -> int:
+        """Extractions and trainings not started yet."""
+        return len(self._queue)
+
+    def _data_ref(self, task: str):
+        import ray
+
+        if task not in self._data:
+            self._data[task] = ray.put(self.data_cache.get(task))
+        return self._data[task]
+
+    def _running(self) -> int:
+        import ray
+
+        refs = list(self.trainings.values()) + [ref for _, ref in self.features.values()]
+        if not refs:
+            return 0
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        return len(refs) - len(ready)
+
+    def pump(self, free_cpus: float) -> None:
+        """Start queued work while fewer tasks run than `free_cpus`; a training that reads
+        features waits until they are extracted (a task waiting for them would hold a CPU slot)."""
+        import ray
+
+        ev = self.cfg.evaluate
+        slots = int(free_cpus) - self._running()
+        waiting = []
+        while self._queue and slots > 0:
+            kind, key, payload = self._queue.pop(0)
+            if kind == "extract":
+                job, conditions = payload
+                ref = ray.remote(num_cpus=1, max_retries=1)(extract_features).remote(job.source, self._data_ref(job.task), ev, conditions)
+                self.features[key] = (conditions, ref)
+            else:
+                job, fraction, test_conditions, seed = payload
+                features = None
+                if not job.source.trainable:
+                    _, ref = self.features.get(extraction_key(job), (None, None))
+                    if ref is None or not ray.wait([ref], timeout=0)[0]:
+                        waiting.append((kind, key, payload))
+                        continue
+                    features = ref
+                self.trainings[key] = ray.remote(num_cpus=1, max_retries=1)(fit_seeds).remote(
+                    job.source, self._data_ref(job.task), ev, fraction, test_conditions, job.train_conditions, [seed], features)
+                self.started += 1
+            slots -= 1
+        self._queue[:0] = waiting
+
+    def take(self, key: tuple, test_conditions: tuple[Condition, ...], seed: int):
+        """The training of this head if it was started (its Ray reference), else None."""
+        return self.trainings.pop((key, test_conditions, seed), None)
+
+    def features_for(self, key: tuple, conditions: list[Condition]):
+        """Features extracted here for every one of `conditions`, else None."""
+        have, ref = self.features.get(key, ((), None))
+        return ref if ref is not None and all(c in have for c in conditions) else None
+
+
+def run_jobs(jobs: list[EvalJob], cfg: Config, tracker: Tracker, data_cache: TaskDataCache, on_done=None,
+             prefetch: Optional[HeadPrefetch] = None) -> list[EvalSummary]:
     """Run evaluation jobs, as Ray tasks when there are several (both cores locally, any node on a
-    cluster); MLflow runs are created and logged by this process. Results keep the jobs' order."""
+    cluster); MLflow runs are created and logged by this process. Results keep the jobs' order.
+    `prefetch`: head trainings already started for some of these jobs."""
     seeds = cfg.evaluate.seeds
     parallel = cfg.evaluate.parallel and len(jobs) * len(seeds) > 1
     if parallel:
@@ -325,24 +435,33 @@ def run_jobs(jobs: list[EvalJob], cfg: Config, tracker: Tracker, data_cache: Tas
             remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(fit_seeds)
             extract = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(extract_features)
             refs = {task: ray.put(data_cache.get(task)) for task in {j.task for j in jobs}}
-            # Frozen sources: features once per (source, task) for every condition any job tests.
-            def extraction_key(job: EvalJob) -> tuple:
-                return (job.source.name, job.source.kind, job.source.layer, job.task)
-
-            to_extract: dict[tuple, tuple[EvalJob, list[Condition]]] = {}
-            for job in jobs:
-                if not job.source.trainable:
-                    _, conds = to_extract.setdefault(extraction_key(job), (job, []))
-                    conds += [c for c in job.test_conditions if c not in conds]
-            feature_refs = {key: extract.remote(job.source, refs[job.task], cfg.evaluate, tuple(conds)) for key, (job, conds) in to_extract.items()}
+            # Trainings already under way (prefetched), and the ones to start here.
             pending: dict[Any, tuple[int, int]] = {}
-            per_job: dict[int, dict[int, HeadResult]] = {i: {} for i in range(len(jobs))}
+            to_start: list[tuple[int, int]] = []
             for g, (members, test_conditions) in enumerate(groups):
                 job, fraction = jobs[members[0]], runs[members[0]][1]
+                for k, seed in enumerate(seeds):
+                    ref = prefetch.take(training_key(job, fraction), test_conditions, seed) if prefetch else None
+                    if ref is not None:
+                        pending[ref] = (g, k)
+                    else:
+                        to_start.append((g, k))
+            # Frozen sources: features once per (source, task) for every condition any job tests.
+            to_extract: dict[tuple, tuple[EvalJob, list[Condition]]] = {}
+            for g in dict.fromkeys(g for g, _ in to_start):
+                for i in groups[g][0]:
+                    if not jobs[i].source.trainable:
+                        _, conds = to_extract.setdefault(extraction_key(jobs[i]), (jobs[i], []))
+                        conds += [c for c in jobs[i].test_conditions if c not in conds]
+            feature_refs = {key: (prefetch.features_for(key, conds) if prefetch else None)
+                            or extract.remote(job.source, refs[job.task], cfg.evaluate, tuple(conds)) for key, (job, conds) in to_extract.items()}
+            per_job: dict[int, dict[int, HeadResult]] = {i: {} for i in range(len(jobs))}
+            for g, k in to_start:  # one task per seed: a slow method does not idle a core
+                members, test_conditions = groups[g]
+                job, fraction = jobs[members[0]], runs[members[0]][1]
                 features = feature_refs.get(extraction_key(job))
-                for k, seed in enumerate(seeds):  # one task per seed: a slow method does not idle a core
-                    ref = remote.remote(job.source, refs[job.task], cfg.evaluate, fraction, test_conditions, job.train_conditions, [seed], features)
-                    pending[ref] = (g, k)
+                ref = remote.remote(job.source, refs[job.task], cfg.evaluate, fraction, test_conditions, job.train_conditions, [seeds[k]], features)
+                pending[ref] = (g, k)
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 g, k = pending.pop(done[0])

@@ -17,8 +17,8 @@ from avssl.config.loader import flatten
 from avssl.config.schema import Config
 from avssl.evaluate.downstream import CLEAN
 from avssl.evaluate.noise import Condition, condition_name, parse_snr
-from avssl.evaluate.runner import EvalJob, EvalSummary, TaskDataCache, mean_std, run_jobs
-from avssl.evaluate.sources import resolve_sources
+from avssl.evaluate.runner import EvalJob, EvalSummary, HeadPrefetch, TaskDataCache, mean_std, run_jobs
+from avssl.evaluate.sources import FeatureSource, resolve_sources
 from avssl.evaluate.tasks import TASKS
 from avssl.tracking import Tracker, mlflow_ui_hint
 
@@ -71,25 +71,31 @@ class StudyPlan:
         return {"run_id": self.run_id, **out}
 
 
-def plan_noise_study(cfg: Config, tracker: Tracker, cache: TaskDataCache, parent_run_id: Optional[str] = None,
-                     tags: Optional[dict[str, str]] = None, done: frozenset[str] = frozenset()) -> StudyPlan:
-    """`tags` go on the study and every evaluation (a recipe's id); jobs whose `avssl.job` key is in
-    `done` finished in an earlier run of the recipe and are not rerun."""
+def noise_jobs(cfg: Config, sources: list[FeatureSource], study_id: Optional[str] = None, tags: Optional[dict[str, str]] = None,
+               done: frozenset[str] = frozenset()) -> list[EvalJob]:
+    """The noise study's evaluations of `sources` (under the study run `study_id`), less those in `done`."""
     conditions = noise_conditions(cfg)
     train_conditions = tuple(c for c in conditions if c != CLEAN) if cfg.study.noise.train_with_noise else ()
-    sources = resolve_sources(cfg.study.methods, cfg, tracker, cfg.seed)
-    study_id = _start_study(tracker, cfg, "noise", cache, parent_run_id, tags)
-    jobs = [
+    return [
         EvalJob(
             source, cfg.study.task, test_conditions=tuple(conditions), train_conditions=train_conditions, parent_run_id=study_id,
-            extra_tags={"avssl.study": "noise", "avssl.study_run_id": study_id, "avssl.train_with_noise": str(bool(train_conditions)).lower(),
+            extra_tags={"avssl.study": "noise", "avssl.study_run_id": study_id or "", "avssl.train_with_noise": str(bool(train_conditions)).lower(),
                         "avssl.job": f"noise/{cfg.study.task}/{source.name}", **(tags or {})},
             run_name=f"noise-{source.name}",
         )
         for source in sources
         if f"noise/{cfg.study.task}/{source.name}" not in done
     ]
-    print(f"noise study on {cfg.study.task}: {', '.join(s.name for s in sources)} x {len(conditions)} conditions", flush=True)
+
+
+def plan_noise_study(cfg: Config, tracker: Tracker, cache: TaskDataCache, parent_run_id: Optional[str] = None,
+                     tags: Optional[dict[str, str]] = None, done: frozenset[str] = frozenset()) -> StudyPlan:
+    """`tags` go on the study and every evaluation (a recipe's id); jobs whose `avssl.job` key is in
+    `done` finished in an earlier run of the recipe and are not rerun."""
+    sources = resolve_sources(cfg.study.methods, cfg, tracker, cfg.seed)
+    study_id = _start_study(tracker, cfg, "noise", cache, parent_run_id, tags)
+    jobs = noise_jobs(cfg, sources, study_id, tags, done)
+    print(f"noise study on {cfg.study.task}: {', '.join(s.name for s in sources)} x {len(noise_conditions(cfg))} conditions", flush=True)
     return StudyPlan("noise", study_id, jobs, cfg, tracker)
 
 
@@ -117,20 +123,26 @@ def _finish_noise(plan: StudyPlan, summaries: list[EvalSummary]) -> dict[str, An
     return {"table": table, "metric": primary}
 
 
-def plan_datasize_study(cfg: Config, tracker: Tracker, cache: TaskDataCache, parent_run_id: Optional[str] = None,
-                        tags: Optional[dict[str, str]] = None, done: frozenset[str] = frozenset()) -> StudyPlan:
-    sources = resolve_sources(cfg.study.methods, cfg, tracker, cfg.seed)
-    study_id = _start_study(tracker, cfg, "datasize", cache, parent_run_id, tags)
-    jobs = [
+def datasize_jobs(cfg: Config, sources: list[FeatureSource], study_id: Optional[str] = None, tags: Optional[dict[str, str]] = None,
+                  done: frozenset[str] = frozenset()) -> list[EvalJob]:
+    """The dataset-size study's evaluations of `sources` at every fraction, less those in `done`."""
+    return [
         EvalJob(
             source, cfg.study.task, label_fraction=fraction, parent_run_id=study_id,
-            extra_tags={"avssl.study": "datasize", "avssl.study_run_id": study_id, "avssl.job": f"datasize/{cfg.study.task}/{source.name}/{fraction:g}", **(tags or {})},
+            extra_tags={"avssl.study": "datasize", "avssl.study_run_id": study_id or "", "avssl.job": f"datasize/{cfg.study.task}/{source.name}/{fraction:g}", **(tags or {})},
             run_name=f"datasize-{source.name}-{fraction:g}",
         )
         for source in sources
         for fraction in cfg.study.datasize.fractions
         if f"datasize/{cfg.study.task}/{source.name}/{fraction:g}" not in done
     ]
+
+
+def plan_datasize_study(cfg: Config, tracker: Tracker, cache: TaskDataCache, parent_run_id: Optional[str] = None,
+                        tags: Optional[dict[str, str]] = None, done: frozenset[str] = frozenset()) -> StudyPlan:
+    sources = resolve_sources(cfg.study.methods, cfg, tracker, cfg.seed)
+    study_id = _start_study(tracker, cfg, "datasize", cache, parent_run_id, tags)
+    jobs = datasize_jobs(cfg, sources, study_id, tags, done)
     print(f"datasize study on {cfg.study.task}: {', '.join(s.name for s in sources)} x fractions {cfg.study.datasize.fractions}", flush=True)
     return StudyPlan("datasize", study_id, jobs, cfg, tracker)
 
@@ -165,11 +177,13 @@ def _finish_datasize(plan: StudyPlan, summaries: list[EvalSummary]) -> dict[str,
     return {"table": table, "metric": primary, "fractions": fractions}
 
 
-def run_studies(plans: list[StudyPlan], cfg: Config, tracker: Tracker, cache: TaskDataCache, extra_jobs: tuple[EvalJob, ...] = ()) -> tuple[list[dict[str, Any]], list[EvalSummary]]:
+def run_studies(plans: list[StudyPlan], cfg: Config, tracker: Tracker, cache: TaskDataCache, extra_jobs: tuple[EvalJob, ...] = (),
+                prefetch: Optional[HeadPrefetch] = None) -> tuple[list[dict[str, Any]], list[EvalSummary]]:
     """All the plans' jobs (and any extra ones) in one batch of Ray tasks, then each study's tables."""
     jobs = [j for p in plans for j in p.jobs] + list(extra_jobs)
     try:
-        summaries = run_jobs(jobs, cfg, tracker, cache, on_done=lambda s: print(f"  done: {s.method} / {s.task} ({s.run_id[:8]})", flush=True))
+        summaries = run_jobs(jobs, cfg, tracker, cache, on_done=lambda s: print(f"  done: {s.method} / {s.task} ({s.run_id[:8]})", flush=True),
+                             prefetch=prefetch)
     except BaseException:
         for p in plans:
             tracker.end_run(p.run_id, "FAILED")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from avssl import storage
 from avssl.config.loader import flatten
@@ -252,23 +252,29 @@ def _pretrain_remote(cfg_tree: dict[str, Any], parent_run_id: Optional[str] = No
     return pretrain(config_from_dict(cfg_tree), parent_run_id, extra_tags)
 
 
-def pretrain_many(cfgs: list[Config], on_done=None, parent_run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None) -> list[PretrainResult]:
+def pretrain_many(cfgs: list[Config], on_done=None, parent_run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None,
+                  between: Optional[Callable[[float], None]] = None) -> list[PretrainResult]:
     """Several pretrainings at once, as many as the cluster's CPUs hold (each `TorchTrainer` is
-    driven from a zero-CPU Ray task, the way Tune drives trials). Results keep the input order."""
+    driven from a zero-CPU Ray task, the way Tune drives trials). Results keep the input order.
+    `between(free_cpus)` is called about every second with the CPUs no pretraining holds or
+    waits for (other work may use them meanwhile)."""
     import ray
 
-    if len(cfgs) <= 1:
+    if len(cfgs) <= 1 and between is None:
         out = [pretrain(c, parent_run_id, extra_tags) for c in cfgs]
         for r in out:
             if on_done:
                 on_done(r)
         return out
+    if not cfgs:
+        return []
     first = cfgs[0].train
     ensure_ray(first.ray_address)
     for c in cfgs:
         check_resources(c.train.num_workers, c.train.cpus_per_worker, c.train.use_gpu, c.train.gpus_per_worker, c.train.elastic_min_workers)
     per_run = max(c.train.num_workers * c.train.cpus_per_worker for c in cfgs)
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // per_run))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    slots = max(1, int(cpus // per_run))
     drive = ray.remote(num_cpus=0, max_retries=0)(_pretrain_remote)
     results: list[Optional[PretrainResult]] = [None] * len(cfgs)
     queue = list(enumerate(cfgs))
@@ -277,7 +283,11 @@ def pretrain_many(cfgs: list[Config], on_done=None, parent_run_id: Optional[str]
         while queue and len(running) < slots:
             i, c = queue.pop(0)
             running[drive.remote(c.model_dump(mode="json"), parent_run_id, extra_tags)] = i
-        done, _ = ray.wait(list(running), num_returns=1)
+        if between is not None:
+            between(max(0.0, cpus - per_run * (len(running) + len(queue))))
+        done, _ = ray.wait(list(running), num_returns=1, timeout=1.0 if between is not None else None)
+        if not done:
+            continue
         i = running.pop(done[0])
         try:
             results[i] = ray.get(done[0])
