@@ -41,6 +41,7 @@ def test_a_recipe_runs_reports_claims_and_resumes(workdir, ray_local):
     first = RecipeRun(recipe, cfg)
     out = first.run()
     assert first.prefetch is not None, "the baselines' head trainings may start while the encoders pretrain"
+    assert not first.prefetch.trainings, "every training started during pretraining was taken by the evaluation (none trained twice)"
     client = MlflowClient(cfg.tracking.uri)
     tracker_exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     parent = client.get_run(out["parent_run_id"])
