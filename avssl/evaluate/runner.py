@@ -287,6 +287,17 @@ def extraction_key(job: EvalJob) -> tuple:
     return (job.source.name, job.source.kind, job.source.layer, job.task)
 
 
+def frozen_extractions(jobs: list[EvalJob]) -> dict[tuple, tuple[EvalJob, list[Condition]]]:
+    """Frozen sources' features, once per (source, task) for every condition any of `jobs` tests:
+    extraction key -> (a job of that source and task, the conditions)."""
+    out: dict[tuple, tuple[EvalJob, list[Condition]]] = {}
+    for job in jobs:
+        if not job.source.trainable:
+            _, conds = out.setdefault(extraction_key(job), (job, []))
+            conds += [c for c in job.test_conditions if c not in conds]
+    return out
+
+
 def training_groups(jobs: list[EvalJob], fractions: list[float]) -> list[tuple[list[int], tuple[Condition, ...]]]:
     """Jobs whose heads train identically (the same source weights, task, label fraction and
     training noise: the main table's, the noise study's and the dataset-size study's full-label job
@@ -324,6 +335,10 @@ class HeadPrefetch:
         from avssl.runtime import ensure_ray
 
         ensure_ray(cfg.train.ray_address)
+        import ray
+
+        self._fit = ray.remote(num_cpus=1, max_retries=1)(fit_seeds)
+        self._extract = ray.remote(num_cpus=1, max_retries=1)(extract_features)
         self.cfg, self.data_cache = cfg, data_cache
         # (training key, test conditions, seed) -> submitted training; extraction key -> (conditions, ref)
         self.trainings: dict[tuple, Any] = {}
@@ -332,14 +347,8 @@ class HeadPrefetch:
         self._queue: list[tuple] = []  # (kind, key, payload) in submission order
         self.started = 0  # head trainings started
         fractions = [job_fraction(job, cfg.evaluate) for job in jobs]
-        conds: dict[tuple, list[Condition]] = {}
-        for job in jobs:
-            if not job.source.trainable:
-                have = conds.setdefault(extraction_key(job), [])
-                have += [c for c in job.test_conditions if c not in have]
-        for key, c in conds.items():
-            job = next(j for j in jobs if not j.source.trainable and extraction_key(j) == key)
-            self._queue.append(("extract", key, (job, tuple(c))))
+        for key, (job, conds) in frozen_extractions(jobs).items():
+            self._queue.append(("extract", key, (job, tuple(conds))))
         for members, test_conditions in training_groups(jobs, fractions):
             job, fraction = jobs[members[0]], fractions[members[0]]
             for seed in cfg.evaluate.seeds:
@@ -378,7 +387,7 @@ class HeadPrefetch:
             kind, key, payload = self._queue.pop(0)
             if kind == "extract":
                 job, conditions = payload
-                ref = ray.remote(num_cpus=1, max_retries=1)(extract_features).remote(job.source, self._data_ref(job.task), ev, conditions)
+                ref = self._extract.remote(job.source, self._data_ref(job.task), ev, conditions)
                 self.features[key] = (conditions, ref)
             else:
                 job, fraction, test_conditions, seed = payload
@@ -389,8 +398,7 @@ class HeadPrefetch:
                         waiting.append((kind, key, payload))
                         continue
                     features = ref
-                self.trainings[key] = ray.remote(num_cpus=1, max_retries=1)(fit_seeds).remote(
-                    job.source, self._data_ref(job.task), ev, fraction, test_conditions, job.train_conditions, [seed], features)
+                self.trainings[key] = self._fit.remote(job.source, self._data_ref(job.task), ev, fraction, test_conditions, job.train_conditions, [seed], features)
                 self.started += 1
             slots -= 1
         self._queue[:0] = waiting
@@ -446,13 +454,7 @@ def run_jobs(jobs: list[EvalJob], cfg: Config, tracker: Tracker, data_cache: Tas
                         pending[ref] = (g, k)
                     else:
                         to_start.append((g, k))
-            # Frozen sources: features once per (source, task) for every condition any job tests.
-            to_extract: dict[tuple, tuple[EvalJob, list[Condition]]] = {}
-            for g in dict.fromkeys(g for g, _ in to_start):
-                for i in groups[g][0]:
-                    if not jobs[i].source.trainable:
-                        _, conds = to_extract.setdefault(extraction_key(jobs[i]), (jobs[i], []))
-                        conds += [c for c in jobs[i].test_conditions if c not in conds]
+            to_extract = frozen_extractions([jobs[i] for g in dict.fromkeys(g for g, _ in to_start) for i in groups[g][0]])
             feature_refs = {key: (prefetch.features_for(key, conds) if prefetch else None)
                             or extract.remote(job.source, refs[job.task], cfg.evaluate, tuple(conds)) for key, (job, conds) in to_extract.items()}
             per_job: dict[int, dict[int, HeadResult]] = {i: {} for i in range(len(jobs))}
