@@ -73,7 +73,6 @@ class ConvGRUAudioEncoder(nn.Module):
     def frame_codes(self, wave: torch.Tensor) -> torch.Tensor:
         """[B, S] -> [B, T, code_dim], T = S // HOP; window t is centred on frame t."""
         b, t, x = self._padded(wave)
-        conv, act = self.code
         if self.shared_first:
             h = self.first(x.unsqueeze(1))  # [B, C, P], over the whole clip
             for layer in self.convs[: self.n_shared]:
@@ -98,6 +97,7 @@ class ConvGRUAudioEncoder(nn.Module):
             h = self.convs(self.first(self._windows(x, t)))
         # The code conv spans the whole remaining length: one matrix product (the same weights; a
         # CPU convolution's backward pass is several times slower on this shape).
+        conv, act = self.code
         code = act(nn.functional.linear(h.flatten(1), conv.weight.flatten(1), conv.bias))  # [B*T, code_dim]
         return code.reshape(b, t, self.code_dim)
 

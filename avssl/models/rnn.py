@@ -81,7 +81,7 @@ def _reverse_within(x: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Ten
 
 
 def uses_fast_path(rnn: nn.GRU, x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and torch.is_grad_enabled() and rnn.bias and not isinstance(x, nn.utils.rnn.PackedSequence)
+    return x.device.type == "cpu" and torch.is_grad_enabled() and rnn.bias
 
 
 def gru(rnn: nn.GRU, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
